@@ -23,6 +23,7 @@ Two ways to run the reasoner give the same numbers (tested):
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ENCODER_ADAPTER, REASONER_ADAPTER = "encoder", "reasoner"
 CONTINUE, ANSWER = 0, 1  # stop-head classes
+REASONER_MARKERS = {"bot": 0, "eot": 1, "soa": 2}  # rows of `marker_embeddings`
 
 
 class LaDiRConfig(PretrainedConfig):
@@ -143,6 +145,7 @@ class LatentTrace:
     num_blocks: torch.Tensor = None  # (R,)
     block_mask: torch.Tensor = None  # (R, Bm)
     num_lm_tokens: int = 0  # positions fed to the LM while sampling (shows the cache at work)
+    denoise_seconds: float = 0.0
 
     @property
     def latents(self) -> torch.Tensor:
@@ -158,6 +161,8 @@ class AnswerSamples:
     trace: LatentTrace = None
     texts: list = None
     latents: torch.Tensor = None  # (R, Bm, L, D), zero on masked blocks
+    token_entropy: torch.Tensor = None  # (R * M,) mean entropy of the sampling distribution over each answer
+    decode_seconds: float = 0.0
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -220,11 +225,12 @@ class LaDiRModel(PreTrainedModel):
         )
         embedding_std = getattr(config.text_config, "initializer_range", 0.02)
 
-        # Learned input vectors: the VAE encoder's query tokens and the markers of the sequence layout.
+        # Learned input vectors: the VAE encoder's query tokens, the decoder's <ae> marker, and the reasoner's
+        # <bot>, <eot>, <soa> markers. They are parameters of this module itself (not of a container module) so
+        # that DeepSpeed ZeRO-3 gathers them with this module's forward.
         self.query_embeddings = nn.Parameter(torch.randn(num_latent_tokens, hidden_size) * embedding_std)
-        self.marker_embeddings = nn.ParameterDict(
-            {name: nn.Parameter(torch.randn(hidden_size) * embedding_std) for name in ("bot", "eot", "soa", "ae")}
-        )
+        self.vae_marker_embedding = nn.Parameter(torch.randn(hidden_size) * embedding_std)
+        self.marker_embeddings = nn.Parameter(torch.randn(len(REASONER_MARKERS), hidden_size) * embedding_std)
         # VAE heads (encoder side) and the decoder's input projection.
         self.latent_mean_head = nn.Linear(hidden_size, latent_dim)
         self.latent_logvar_head = nn.Linear(hidden_size, latent_dim)
@@ -312,14 +318,14 @@ class LaDiRModel(PreTrainedModel):
 
     def vae_parameters(self) -> list[nn.Parameter]:
         """What the VAE stage trains: encoder adapter, query tokens, mu/logvar heads, the decoder's input map."""
-        heads = [self.query_embeddings, self.marker_embeddings["ae"]]
+        heads = [self.query_embeddings, self.vae_marker_embedding]
         for module in (self.latent_mean_head, self.latent_logvar_head, self.vae_latent_in):
             heads.extend(module.parameters())
         return self.adapter_parameters(ENCODER_ADAPTER) + heads
 
     def reasoner_parameters(self) -> list[nn.Parameter]:
         """What the reasoner stage and RL train: reasoner adapter, markers, latent input, time embedding, heads."""
-        heads = [self.marker_embeddings[name] for name in ("bot", "eot", "soa")]
+        heads = [self.marker_embeddings]
         for module in (self.reasoner_latent_in, self.timestep_embedding, self.velocity_head, self.stop_head):
             heads.extend(module.parameters())
         return self.adapter_parameters(REASONER_ADAPTER) + heads
@@ -340,7 +346,8 @@ class LaDiRModel(PreTrainedModel):
         return self.language_model.get_input_embeddings()(token_ids)
 
     def _marker(self, name: str, *leading: int) -> torch.Tensor:
-        return self.marker_embeddings[name].to(self.dtype).expand(*leading, self.hidden_size)
+        marker = self.vae_marker_embedding if name == "ae" else self.marker_embeddings[REASONER_MARKERS[name]]
+        return marker.to(self.dtype).expand(*leading, self.hidden_size)
 
     def _decoder_hidden_states(self, inputs_embeds, attention_mask, position_ids, cache=None):
         """Run the base decoder (without the LM head) and return its last hidden states."""
@@ -719,6 +726,7 @@ class LaDiRModel(PreTrainedModel):
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         num_latents: int = 1,
+        latent_group_size: int | None = None,
         num_denoise_steps: int | None = None,
         sde_noise_level: float = 0.0,
         initial_noise_scale: float | None = None,
@@ -742,11 +750,16 @@ class LaDiRModel(PreTrainedModel):
         being denoised against a key/value cache of the prompt and the finished blocks, and the cache is cut back
         afterwards. After each block the stop head decides between another block and the answer.
 
+        ``latent_group_size`` (default ``num_latents``) says how many consecutive rows are latents of one prompt, for
+        the repulsive diversity guidance; the RL trainer passes rows already repeated, with ``num_latents=1``.
+
         ``cfg_scale != 1`` adds classifier-free guidance; the unconditional velocity hides the prompt from the block
         being denoised (the finished blocks in the cache did see it). The CFG and diversity terms are recorded as
         ``guidance`` offsets of the step means.
         """
         config = self.config
+        start_time = time.perf_counter()
+        latent_group_size = latent_group_size or num_latents
         num_denoise_steps = num_denoise_steps or config.num_denoise_steps
         max_blocks = max_blocks or config.max_blocks
         initial_noise_scale = config.initial_noise_scale if initial_noise_scale is None else initial_noise_scale
@@ -804,9 +817,13 @@ class LaDiRModel(PreTrainedModel):
                     velocity_uncond = self.velocity_head(hidden[:, 2:], time_embedding).float()
                     num_lm_tokens += rows * (block_width - 1)
                     guided = sampling.classifier_free_guidance(velocity, velocity_uncond, cfg_scale)
-                    # the CFG change of the velocity, as an offset of the mean: the step moves by -d * v
-                    guidance = guidance - (t - t_next)[:, None, None] * (guided - velocity)
-                guidance = guidance + sampling.diversity_guidance(z, num_latents, t, t_next, diversity_guidance_scale)
+                    # the CFG change of the velocity, as an offset of the step's mean: the SDE mean with the guided
+                    # velocity (in the drift and in eps_hat, as Flow-GRPO) minus the mean with the plain one
+                    # (a = 0: exactly -d * (guided - velocity))
+                    guided_mean = sampling.sde_step_mean(z, guided, t, t_next, sde_noise_level, config.sde_max_t)[0]
+                    plain_mean = sampling.sde_step_mean(z, velocity, t, t_next, sde_noise_level, config.sde_max_t)[0]
+                    guidance = guidance + (guided_mean - plain_mean)
+                guidance = guidance + sampling.diversity_guidance(z, latent_group_size, t, t_next, diversity_guidance_scale)
                 if sde_noise_level > 0:
                     step_output = sampling.sde_step(
                         z, velocity, t, t_next, sde_noise_level, config.sde_max_t, guidance=guidance, generator=generator
@@ -851,14 +868,22 @@ class LaDiRModel(PreTrainedModel):
             num_blocks=num_blocks,
             block_mask=torch.stack(block_mask, 1),
             num_lm_tokens=num_lm_tokens,
+            denoise_seconds=time.perf_counter() - start_time,
         )
-        completion_ids, decode_tokens = self._decode_answers(
+        start_time = time.perf_counter()
+        completion_ids, token_entropy, decode_tokens = self._decode_answers(
             cache, key_real, prompt_lengths + num_blocks[:, None] * block_width, num_decodes_per_latent,
             max_new_tokens, temperature, eos_token_ids, pad_token_id, generator,
         )
         trace.num_lm_tokens += decode_tokens
         latents = trace.latents * trace.block_mask[:, :, None, None]
-        return AnswerSamples(completion_ids=completion_ids, trace=trace, latents=latents)
+        return AnswerSamples(
+            completion_ids=completion_ids,
+            trace=trace,
+            latents=latents,
+            token_entropy=token_entropy,
+            decode_seconds=time.perf_counter() - start_time,
+        )
 
     def _decode_answers(
         self, cache, key_real, answer_start, num_decodes, max_new_tokens, temperature, eos_token_ids, pad_token_id, generator
@@ -872,11 +897,15 @@ class LaDiRModel(PreTrainedModel):
         inputs_embeds = self._marker("soa", rows, 1)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         tokens, fed = [], 0
+        entropy_sum, entropy_count = torch.zeros(rows, device=device), torch.zeros(rows, device=device)
         for _ in range(max_new_tokens):
             key_real = torch.cat([key_real, torch.ones(rows, 1, dtype=torch.bool, device=device)], 1)
             hidden = self._cached_step(cache, inputs_embeds, key_real, position)
             fed += rows
             logits = self._lm_logits(hidden[:, -1]).float()
+            log_probabilities = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
+            entropy_sum += (-(log_probabilities.exp() * log_probabilities).sum(-1)).masked_fill(finished, 0)
+            entropy_count += (~finished).float()
             if temperature > 0:
                 probabilities = torch.softmax(logits / temperature, dim=-1)
                 next_tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
@@ -894,7 +923,7 @@ class LaDiRModel(PreTrainedModel):
         for row in torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]:
             cut = next((i + 1 for i, token in enumerate(row) if token in eos_token_ids), len(row))
             completion_ids.append(row[:cut])
-        return completion_ids, fed
+        return completion_ids, entropy_sum / entropy_count.clamp(min=1), fed
 
     @torch.no_grad()
     def sample_answers(self, tokenizer, prompts: list, num_latents: int = 1, num_decodes_per_latent: int = 1, **kwargs):

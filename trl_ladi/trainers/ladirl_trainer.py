@@ -1,0 +1,444 @@
+"""LaDi-RL: GRPO over latent diffusion reasoning traces, as a subclass of TRL's `GRPOTrainer`.
+
+One step, for each prompt ``q`` (the whole algorithm is in the two methods below):
+
+1. sample ``N`` latent traces ``Z_i`` with the SDE policy, recording every step (``_generate_and_score_completions``);
+2. decode each ``Z_i`` into ``M`` answers ``y_ij`` from one shared prefill;
+3. score every ``y_ij`` with the TRL reward functions;
+4. latent utility ``U_i = mean_j r_ij`` (decoder-marginalised);
+5. advantage ``A_i = (U_i - mean(U)) / (std(U) + eps)`` over the ``N`` latents of ``q``;
+6. loss over the denoising steps ``k`` (``_compute_loss``):
+   ``-min(rho_k A_i, clip(rho_k, 1 - eps_low, 1 + eps_high) A_i) + beta ||mu_theta - mu_ref||^2 / (2 std^2)``,
+   ``rho_k = pi_theta(z_{k+1} | z_k, q) / pi_old(z_{k+1} | z_k, q)``;
+7. optionally a token-level term on the answers with ``A_ij = r_ij - U_i`` (normalised within the latent).
+
+Everything else (sampler, buffering, ``training_step``, logging, checkpoints, accelerate / DeepSpeed) is TRL's.
+"""
+
+import copy
+import time
+from collections import Counter, defaultdict, deque
+
+import torch
+from accelerate.utils import gather_object
+from trl import GRPOTrainer
+from trl.data_utils import is_conversational
+from trl.models import prepare_deepspeed, unwrap_model_for_generation
+from trl.trainer.utils import nanstd, pad
+
+from trl_ladi.modeling import LaDiRModel, tokenize_prompts
+from trl_ladi.trainers.ladirl_config import LaDiRLConfig
+
+ADVANTAGE_EPS = 1e-4  # as GRPO
+
+
+class LaDiRLTrainer(GRPOTrainer):
+    """GRPO in a latent reasoning space: the policy is a LaDiR model's denoiser.
+
+    Use it as a `GRPOTrainer`: the same reward functions (plain or conversational prompts, `reward_weights`,
+    extra dataset columns as keyword arguments, `None` for "not applicable"), datasets, logging and checkpoints.
+
+    Args:
+        model (`LaDiRModel` or `str`): a LaDiR model (see `LaDiRSFTTrainer` to make one from any causal LM), or the
+            directory of a saved one.
+        reward_funcs: as for `GRPOTrainer`.
+        args (`LaDiRLConfig`): the configuration.
+        processing_class: the tokenizer of the base model (required unless `model` is a directory holding one).
+    """
+
+    _tag_names = ["trl", "ladi-rl", "trl-ladi"]
+    _name = "LaDi-RL"
+    _paper = {
+        "title": "Latent Diffusion Reasoning Prevents Entropy Collapse in Reinforcement Learning",
+        "id": "2602.01705",
+        "citation": "@article{ladirl2026, title={Latent Diffusion Reasoning Prevents Entropy Collapse in "
+        "Reinforcement Learning}, journal={arXiv preprint arXiv:2602.01705}, year={2026}}",
+    }
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: LaDiRLConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if isinstance(model, str):
+            if processing_class is None:
+                from transformers import AutoTokenizer
+
+                processing_class = AutoTokenizer.from_pretrained(model, padding_side="left")
+            model = LaDiRModel.from_pretrained(model)
+        if not isinstance(model, LaDiRModel):
+            raise TypeError(
+                f"LaDiRLTrainer trains a LaDiRModel, got {type(model).__name__}. Make one from your causal LM with "
+                "`LaDiRModel.from_base(...)` and the LaDiR stages (`LaDiRSFTTrainer`, stage='vae' then 'reasoner')."
+            )
+        if processing_class is None:
+            raise ValueError("Pass the base model's tokenizer as `processing_class` (it cannot be fetched offline).")
+        if peft_config is not None:
+            raise ValueError("LaDiRModel has its own LoRA adapters; pass peft_config=None (set ranks in LaDiRConfig).")
+        if args is None:
+            args = LaDiRLConfig(output_dir="LaDiRL")
+        elif not isinstance(args, LaDiRLConfig):
+            raise TypeError(f"`args` must be a LaDiRLConfig, got {type(args).__name__}.")
+        if train_dataset is not None and "prompt" not in train_dataset.column_names:
+            raise ValueError(
+                f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}). "
+                "Rename your prompt column, e.g. `dataset.rename_column('question', 'prompt')`."
+            )
+        model.train_only(model.reasoner_parameters())
+
+        # Keep GRPO from building its own reference model: the reference here is a frozen copy of the denoiser.
+        beta, args.beta = args.beta, 0.0
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        args.beta = beta
+        self.latent_kl_beta = args.latent_kl_beta
+        self.num_decodes_per_latent = args.num_decodes_per_latent
+        self.ref_denoiser = None
+        if self.latent_kl_beta > 0:
+            reference = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
+            if self.is_deepspeed_enabled:
+                self.ref_denoiser = prepare_deepspeed(reference, self.accelerator)
+            else:
+                self.ref_denoiser = self.accelerator.prepare_model(reference, evaluation_mode=True)
+        # The completions table holds one row per answer: N * M per prompt.
+        rows = args.generation_batch_size * args.num_decodes_per_latent
+        self._logs = {
+            "images": deque(maxlen=rows),
+            "prompt": deque(maxlen=rows),
+            "completion": deque(maxlen=rows),
+            "rewards": defaultdict(lambda: deque(maxlen=rows)),
+            "advantages": deque(maxlen=rows),
+            "extra": defaultdict(lambda: deque(maxlen=rows)),
+        }
+
+    def create_optimizer(self, model=None):
+        """AdamW with two learning rates: diffusion-only parameters, and the parts the answer decoder uses."""
+        if self.optimizer is not None:
+            return self.optimizer
+        ladir = self.accelerator.unwrap_model(self.model)
+        text_policy = ladir.adapter_parameters("reasoner") + list(ladir.stop_head.parameters())
+        text_ids = {id(p) for p in text_policy}
+        denoiser = [p for p in ladir.reasoner_parameters() if id(p) not in text_ids]
+        optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, ladir)
+        optimizer_kwargs.pop("lr", None)
+        groups = [
+            {"params": [p for p in denoiser if p.requires_grad], "lr": self.args.denoiser_learning_rate or self.args.learning_rate},
+            {"params": [p for p in text_policy if p.requires_grad], "lr": self.args.text_policy_learning_rate or self.args.learning_rate},
+        ]
+        self.optimizer = optimizer_class([group for group in groups if group["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ rollout
+
+    @torch.no_grad()
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        num_latents = self.num_generations if mode == "train" else self.num_generations_eval  # N
+        num_decodes = self.num_decodes_per_latent  # M
+        prompts = [row["prompt"] for row in inputs]  # each prompt appears N times in a row (GRPO's sampler)
+        batch = len(prompts)
+        prompt_ids, prompt_mask = tokenize_prompts(self.processing_class, prompts, device=device)
+        output = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+
+        # 1-2. latent traces from the SDE policy, and M answers per latent from one shared prefill.
+        # Every direct call of the model stays inside this context, where ZeRO-3 parameters are gathered.
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+        ) as unwrapped_model:
+            samples = unwrapped_model.sample(
+                prompt_ids,
+                prompt_mask,
+                num_latents=1,  # rows are already repeated
+                latent_group_size=num_latents,
+                num_denoise_steps=args.num_denoise_steps,
+                sde_noise_level=args.sde_noise_level,
+                initial_noise_scale=args.initial_noise_scale,
+                cfg_scale=args.cfg_scale,
+                diversity_guidance_scale=args.diversity_guidance_scale,
+                max_blocks=args.max_latent_blocks,
+                num_decodes_per_latent=num_decodes,
+                max_new_tokens=self.max_completion_length,
+                temperature=self.temperature,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.processing_class.pad_token_id,
+            )
+            trace = samples.trace
+            output.update(
+                step_latents=trace.step_latents,
+                timesteps=trace.timesteps.expand(batch, -1),
+                guidance=trace.guidance,
+                block_mask=trace.block_mask,
+                step_indices=self._sample_step_indices(batch, trace.step_log_probs.shape[2]),
+            )
+            completion_tensors = [torch.tensor(ids, device=device) for ids in samples.completion_ids]
+            completion_ids = pad(completion_tensors, padding_value=self.processing_class.pad_token_id, padding_side="right")
+            completion_mask = pad([torch.ones_like(ids) for ids in completion_tensors], padding_value=0, padding_side="right")
+            if args.text_policy_coef > 0:
+                output["completion_ids"] = completion_ids.view(batch, num_decodes, -1)
+                output["completion_mask"] = completion_mask.view(batch, num_decodes, -1)
+            # The ratio's denominator. When every micro-batch of this rollout is used before the next optimizer
+            # step, the current log-probabilities are the old ones (the loss detaches them); otherwise record them
+            # now with the computation the loss uses. (The sampler's own values agree to float precision; tested.)
+            if args.gradient_accumulation_steps % (args.steps_per_generation * self.num_iterations) != 0:
+                denoising = unwrapped_model.denoising_log_probs(**self._denoising_inputs(output))
+                output["old_log_probs"] = denoising["log_probs"]
+                if args.text_policy_coef > 0:
+                    answer = unwrapped_model.answer_log_probs(**self._answer_inputs(output))
+                    output["old_text_log_probs"] = answer["log_probs"].view(batch, num_decodes, -1)
+            latent_texts = None
+            if self.log_completions:
+                latent_texts = unwrapped_model.decode_latents_to_text(
+                    trace.latents[:, 0], self.processing_class, max_new_tokens=32
+                )
+        if self.ref_denoiser is not None:
+            output["ref_means"] = self.ref_denoiser(task="denoising_log_probs", **self._denoising_inputs(output))["means"]
+        completion_texts = self.processing_class.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        if is_conversational(inputs[0]):
+            completions = [[{"role": "assistant", "content": text}] for text in completion_texts]
+        else:
+            completions = completion_texts
+
+        # 3. rewards of all N * M answers, exactly as GRPO computes them (gathered across processes)
+        start_time = time.perf_counter()
+        repeated_inputs = [row for row in inputs for _ in range(num_decodes)]
+        repeated_prompts = [prompt for prompt in prompts for _ in range(num_decodes)]
+        rewards_per_func = self._calculate_rewards(
+            repeated_inputs, repeated_prompts, completions, samples.completion_ids
+        )  # (world * B * M, F)
+        scoring_seconds = time.perf_counter() - start_time
+        unscorable = rewards_per_func.isnan().all(dim=1)
+        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        rewards_per_latent = rewards.view(-1, num_decodes)  # (world * B, M)
+
+        # 4. latent utility U_i: the decoder-marginalised reward of latent i
+        if args.latent_utility == "mean":
+            utility = torch.nanmean(rewards_per_latent, dim=1)
+        elif args.latent_utility == "max":
+            utility = rewards_per_latent.nan_to_num(float("-inf")).max(dim=1).values
+        else:
+            utility = rewards_per_latent.nan_to_num(float("inf")).min(dim=1).values
+        utility = utility.masked_fill(utility.isinf(), float("nan"))
+
+        # 5. advantages over the N latents of each prompt, with GRPO's `scale_rewards` semantics
+        grouped_utility = utility.view(-1, num_latents)
+        group_mean = torch.nanmean(grouped_utility, dim=1).repeat_interleave(num_latents)
+        group_std = nanstd(grouped_utility, dim=1).repeat_interleave(num_latents)
+        advantages = utility - group_mean
+        if self.scale_rewards == "group":
+            advantages = advantages / (group_std + ADVANTAGE_EPS)
+        elif self.scale_rewards == "batch":
+            advantages = advantages / (nanstd(utility) + ADVANTAGE_EPS)
+        advantages = torch.nan_to_num(advantages, nan=0.0)
+        process_slice = slice(self.accelerator.process_index * batch, (self.accelerator.process_index + 1) * batch)
+        all_advantages, output["advantages"] = advantages, advantages[process_slice]
+
+        if args.text_policy_coef > 0:
+            # 7. text advantage: an answer against the other answers of the same latent
+            local_rewards = rewards_per_latent[process_slice]
+            text_advantages = local_rewards - torch.nanmean(local_rewards, dim=1, keepdim=True)
+            if self.scale_rewards != "none":
+                text_advantages = text_advantages / (nanstd(local_rewards, dim=1).unsqueeze(1) + ADVANTAGE_EPS)
+            output["text_advantages"] = torch.nan_to_num(text_advantages, nan=0.0)
+
+        self._log_rollout(
+            mode, inputs, prompts, completions, completion_texts, completion_mask, rewards_per_func, rewards, utility,
+            group_std, all_advantages, samples, latent_texts, num_latents, scoring_seconds,
+        )
+        output["num_items_in_batch"] = torch.tensor(float(batch * self.accelerator.num_processes), device=device)
+        return output
+
+    def _sample_step_indices(self, batch: int, num_steps: int) -> torch.Tensor:
+        """Which denoising steps of each trace enter the loss: a random subset, the same for every block."""
+        num_trained_steps = max(1, round(self.args.train_timestep_fraction * num_steps))
+        order = torch.rand(batch, num_steps, device=self.accelerator.device).argsort(dim=1)
+        return order[:, :num_trained_steps].sort(dim=1).values
+
+    # ------------------------------------------------------------------ loss
+
+    def _denoising_inputs(self, inputs: dict) -> dict:
+        return {
+            "prompt_ids": inputs["prompt_ids"],
+            "prompt_mask": inputs["prompt_mask"],
+            "step_latents": inputs["step_latents"],
+            "timesteps": inputs["timesteps"][0],
+            "guidance": inputs["guidance"],
+            "block_mask": inputs["block_mask"],
+            "step_indices": inputs["step_indices"],
+            "sde_noise_level": self.args.sde_noise_level,
+        }
+
+    def _answer_inputs(self, inputs: dict) -> dict:
+        """The ``B * M`` answers as rows, each with its latent's prompt and clean blocks."""
+        num_decodes = inputs["completion_ids"].shape[1]
+        return {
+            "prompt_ids": inputs["prompt_ids"].repeat_interleave(num_decodes, dim=0),
+            "prompt_mask": inputs["prompt_mask"].repeat_interleave(num_decodes, dim=0),
+            "latents": inputs["step_latents"][:, :, -1].repeat_interleave(num_decodes, dim=0),
+            "block_mask": inputs["block_mask"].repeat_interleave(num_decodes, dim=0),
+            "answer_ids": inputs["completion_ids"].flatten(0, 1),
+            "answer_mask": inputs["completion_mask"].flatten(0, 1),
+            "temperature": self.temperature,
+        }
+
+    def _clipped_objective(self, log_ratio: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """PPO's ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` and whether the clip was active."""
+        ratio = torch.exp(log_ratio)
+        clipped_ratio = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+        return loss, (ratio != clipped_ratio)
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        use_text_policy = self.args.text_policy_coef > 0
+        # one call of the wrapped model, so DDP / DeepSpeed hooks see every parameter that gets a gradient
+        outputs = model(
+            task="policy",
+            denoising=self._denoising_inputs(inputs),
+            answer=self._answer_inputs(inputs) if use_text_policy else None,
+        )
+
+        # 6. latent policy: a clipped ratio per denoising step, masked to real blocks
+        log_probs = outputs["denoising"]["log_probs"]  # (B, blocks, steps)
+        old_log_probs = inputs.get("old_log_probs", log_probs.detach())
+        step_mask = inputs["block_mask"][:, :, None].expand_as(log_probs).float()
+        log_ratio = log_probs - old_log_probs
+        if self.importance_sampling_level == "sequence":  # GSPO: one ratio per trace
+            log_ratio = ((log_ratio * step_mask).sum((1, 2)) / step_mask.sum((1, 2)).clamp(min=1))[:, None, None]
+            log_ratio = log_ratio.expand_as(log_probs)
+        step_loss, is_clipped = self._clipped_objective(log_ratio, inputs["advantages"][:, None, None])
+        if self.latent_kl_beta > 0:
+            # KL between Gaussians with the same std: ||mu_theta - mu_ref||^2 / (2 std^2)
+            means, stds = outputs["denoising"]["means"], outputs["denoising"]["stds"]
+            kl = (means - inputs["ref_means"]).pow(2).flatten(3).sum(-1) / (2 * stds.pow(2))
+            step_loss = step_loss + self.latent_kl_beta * kl
+            self._metrics[mode]["latent_kl"].append(self._masked_global_mean(kl, step_mask))
+        # every trace weighs the same, whatever its number of blocks
+        latent_loss = ((step_loss * step_mask).sum((1, 2)) / step_mask.sum((1, 2)).clamp(min=1)).mean()
+        loss = latent_loss
+        self._metrics[mode]["clip_ratio/region_mean"].append(self._masked_global_mean(is_clipped.float(), step_mask))
+        self._metrics[mode]["approx_kl"].append(self._masked_global_mean(old_log_probs - log_probs.detach(), step_mask))
+
+        # 7. text policy: token-level clipped ratio, advantage within the latent
+        if use_text_policy:
+            token_log_probs = outputs["answer"]["log_probs"]  # (B * M, C)
+            token_mask = inputs["completion_mask"].flatten(0, 1).float()
+            old_token_log_probs = inputs.get("old_text_log_probs")
+            old_token_log_probs = token_log_probs.detach() if old_token_log_probs is None else old_token_log_probs.flatten(0, 1)
+            token_loss, text_clipped = self._clipped_objective(
+                token_log_probs - old_token_log_probs, inputs["text_advantages"].flatten()[:, None]
+            )
+            text_loss = ((token_loss * token_mask).sum(1) / token_mask.sum(1).clamp(min=1)).mean()
+            loss = loss + self.args.text_policy_coef * text_loss
+            self._metrics[mode]["text_clip_ratio"].append(self._masked_global_mean(text_clipped.float(), token_mask))
+            self._metrics[mode]["text_entropy_trained"].append(
+                self._masked_global_mean(outputs["answer"]["entropy"].detach(), token_mask)
+            )
+
+        if mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer.loss_is_scaled_for_ga
+        return loss
+
+    def _masked_global_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        totals = torch.stack([(values.detach().float() * mask).sum(), mask.sum()])
+        total, count = self.accelerator.gather(totals[None]).sum(0).tolist()
+        return total / max(count, 1.0)
+
+    # ------------------------------------------------------------------ metrics and the completions table
+
+    def _log_rollout(
+        self, mode, inputs, prompts, completions, completion_texts, completion_mask, rewards_per_func, rewards,
+        utility, group_std, all_advantages, samples, latent_texts, num_latents, scoring_seconds,
+    ):
+        metrics = self._metrics[mode]
+        num_decodes = self.num_decodes_per_latent
+        device = self.accelerator.device
+        for index, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, index]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, index]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        metrics["latent_utility/mean"].append(torch.nanmean(utility).item())
+        metrics["latent_utility/std"].append(nanstd(utility).item())
+        # a prompt whose N latents all have the same utility gives no latent gradient
+        metrics["frac_reward_zero_std"].append(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item())
+
+        # text and latent diversity, from everything the processes sampled
+        all_texts = gather_object(completion_texts)
+        per_latent = [all_texts[i : i + num_decodes] for i in range(0, len(all_texts), num_decodes)]
+        agreement = [Counter(answers).most_common(1)[0][1] / len(answers) for answers in per_latent]
+        metrics["decode_agreement"].append(sum(agreement) / len(agreement))
+        per_prompt = num_latents * num_decodes
+        distinct = [len(set(all_texts[i : i + per_prompt])) for i in range(0, len(all_texts) - per_prompt + 1, per_prompt)]
+        if distinct:
+            metrics["distinct_answers_per_prompt"].append(sum(distinct) / len(distinct))
+        latents = samples.latents.flatten(1)
+        local_groups = latents.shape[0] // num_latents
+        if local_groups and num_latents > 1:
+            grouped = latents[: local_groups * num_latents].view(local_groups, num_latents, -1).float()
+            distances = torch.cdist(grouped, grouped)
+            pairs = num_latents * (num_latents - 1)
+            diversity = torch.tensor([distances.sum().item() / (pairs * local_groups)], device=device)
+            metrics["latent_diversity"].append(self.accelerator.gather(diversity).mean().item())
+        trace = samples.trace
+        local = torch.tensor(
+            [
+                completion_mask.sum(1).float().mean().item(),
+                samples.token_entropy.mean().item(),
+                trace.num_blocks.float().mean().item(),
+                trace.denoise_seconds,
+                samples.decode_seconds,
+                scoring_seconds,
+            ],
+            device=device,
+        )
+        (mean_length, entropy, blocks, denoise_seconds, decode_seconds, scoring_seconds) = (
+            self.accelerator.gather(local[None]).mean(0).tolist()
+        )
+        metrics["completions/mean_length"].append(mean_length)
+        metrics["entropy"].append(entropy)
+        metrics["latent_blocks/mean"].append(blocks)
+        metrics["time/denoising"].append(denoise_seconds)
+        metrics["time/decoding"].append(decode_seconds)
+        metrics["time/scoring"].append(scoring_seconds)
+
+        # completions table: one row per answer, with the latent shown as text by the VAE decoder
+        if latent_texts is not None:
+            self._logs["extra"]["latent (first block)"].extend(
+                gather_object([text for text in latent_texts for _ in range(num_decodes)])
+            )
+        self._logs["prompt"].extend(gather_object([prompt for prompt in prompts for _ in range(num_decodes)]))
+        self._logs["completion"].extend(gather_object(completions))
+        for index, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, index].tolist())
+        self._logs["advantages"].extend(all_advantages.repeat_interleave(num_decodes).tolist())
+        # columns and metrics that reward functions logged (log_extra / log_metric), as GRPO flushes them
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            values = self._pending_extra_logs.get(column, [None] * len(completions))
+            self._logs["extra"][column].extend(gather_object(values))
+        self._pending_extra_logs.clear()
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            totals = torch.tensor([[sum(values), len(values)]], dtype=torch.float32, device=device)
+            total, count = self.accelerator.gather(totals).sum(0).tolist()
+            metrics[name].append(total / max(count, 1.0))
+        self._pending_metrics.clear()
