@@ -27,8 +27,11 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_llama_config(tokenizer, hidden_size=32, layers=2) -> LlamaConfig:
+def tiny_llama_config(tokenizer, hidden_size=32, layers=2, initializer_range=0.02) -> LlamaConfig:
+    """A 2-layer Llama. With the default init its tied LM head can barely move the logits (|logit| < 1); tests that
+    must learn to emit a token quickly pass a larger `initializer_range` (e.g. 0.2)."""
     return LlamaConfig(
+        initializer_range=initializer_range,
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -43,8 +46,9 @@ def tiny_llama_config(tokenizer, hidden_size=32, layers=2) -> LlamaConfig:
     )
 
 
-def tiny_qwen2_config(tokenizer, hidden_size=32, layers=2) -> Qwen2Config:
+def tiny_qwen2_config(tokenizer, hidden_size=32, layers=2, initializer_range=0.02) -> Qwen2Config:
     return Qwen2Config(
+        initializer_range=initializer_range,
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,

@@ -3,5 +3,7 @@
 __version__ = "0.1.0"
 
 from trl_ladi.modeling import LaDiRConfig, LaDiRModel
+from trl_ladi.trainers.ladirl_config import LaDiRLConfig
+from trl_ladi.trainers.ladirl_trainer import LaDiRLTrainer
 
-__all__ = ["LaDiRConfig", "LaDiRModel"]
+__all__ = ["LaDiRConfig", "LaDiRModel", "LaDiRLConfig", "LaDiRLTrainer"]

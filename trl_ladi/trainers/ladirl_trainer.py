@@ -93,6 +93,10 @@ class LaDiRLTrainer(GRPOTrainer):
                 "Rename your prompt column, e.g. `dataset.rename_column('question', 'prompt')`."
             )
         model.train_only(model.reasoner_parameters())
+        # The reference denoiser is copied now: GRPOTrainer patches `model.forward` (fused LM head) with a closure
+        # over this model, and a copy taken after that would run the policy's weights.
+        latent_kl_beta = args.latent_kl_beta
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if latent_kl_beta > 0 else None
 
         # Keep GRPO from building its own reference model: the reference here is a frozen copy of the denoiser.
         beta, args.beta = args.beta, 0.0
@@ -108,11 +112,10 @@ class LaDiRLTrainer(GRPOTrainer):
             optimizers=optimizers,
         )
         args.beta = beta
-        self.latent_kl_beta = args.latent_kl_beta
+        self.latent_kl_beta = latent_kl_beta
         self.num_decodes_per_latent = args.num_decodes_per_latent
         self.ref_denoiser = None
-        if self.latent_kl_beta > 0:
-            reference = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
+        if reference is not None:
             if self.is_deepspeed_enabled:
                 self.ref_denoiser = prepare_deepspeed(reference, self.accelerator)
             else:

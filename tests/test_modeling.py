@@ -1,0 +1,522 @@
+"""LaDiRModel on tiny offline Llama / Qwen2 bases: cache vs packed forward, masks, counts, save/load, training."""
+
+import pytest
+import torch
+from tiny import make_tokenizer, tiny_llama_config, tiny_qwen2_config
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from trl_ladi import sampling
+from trl_ladi.modeling import ENCODER_ADAPTER, REASONER_ADAPTER, LaDiRConfig, LaDiRModel, tokenize_prompts
+
+L, D, K, MAX_BLOCKS = 3, 8, 4, 3
+PROMPTS = ["what is 3 plus 4 ?", "the cat sat on the mat so"]
+CONFIGS = {"llama": tiny_llama_config, "qwen2": tiny_qwen2_config}
+# peft warns when a second adapter is injected into the same LM; two adapters are the design
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def build(tokenizer, family="llama", seed=0, randomize=True, **kwargs):
+    """A tiny LaDiR model. The velocity head and LoRA B matrices start at zero; ``randomize`` gives them (and the
+    stop head) random values so that velocities, stop decisions and adapters are not trivial."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(CONFIGS[family](tokenizer))
+    options = dict(latent_tokens_per_block=L, latent_dim=D, encoder_lora_rank=4, reasoner_lora_rank=4,
+                   max_blocks=MAX_BLOCKS, num_denoise_steps=K)
+    options.update(kwargs)
+    model = LaDiRModel.from_base(base, **options)
+    if randomize:
+        with torch.no_grad():
+            for parameter in model.velocity_head.parameters():
+                parameter.normal_(0, 0.3)
+            model.stop_head.weight.normal_(0, 1.0)
+            model.stop_head.bias.copy_(torch.tensor([0.5, -0.5]))
+            for name, parameter in model.language_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.1)
+    return model.eval()
+
+
+def prompts(tokenizer, texts=PROMPTS):
+    return tokenize_prompts(tokenizer, texts)
+
+
+def sample(model, prompt_ids, prompt_mask, seed=1, **kwargs):
+    options = dict(num_latents=3, sde_noise_level=0.7, num_decodes_per_latent=2, max_new_tokens=4,
+                   generator=torch.Generator().manual_seed(seed))
+    options.update(kwargs)
+    return model.sample(prompt_ids, prompt_mask, **options)
+
+
+def recompute(model, prompt_ids, prompt_mask, trace, num_latents, sde_noise_level):
+    rows, _, num_steps = trace.step_log_probs.shape
+    return model.denoising_log_probs(
+        prompt_ids.repeat_interleave(num_latents, 0), prompt_mask.repeat_interleave(num_latents, 0),
+        trace.step_latents, trace.timesteps, trace.guidance, trace.block_mask,
+        torch.arange(num_steps).expand(rows, -1), sde_noise_level,
+    )
+
+
+# ------------------------------------------------------------------ cached sampler == packed forward
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("cfg_scale, diversity", [(1.0, 0.0), (2.5, 0.6)])
+def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale, diversity):
+    model = build(tokenizer, family).double()
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=diversity).trace
+    assert trace.step_log_probs.shape == (6, trace.step_latents.shape[1], K)
+    assert torch.isfinite(trace.step_log_probs).all()
+    if cfg_scale != 1.0 or diversity > 0:
+        assert trace.guidance.abs().max() > 1e-2  # the guided case really is guided
+    else:
+        assert torch.equal(trace.guidance, torch.zeros_like(trace.guidance))
+    out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7)
+    real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
+    torch.testing.assert_close(out["log_probs"][real], trace.step_log_probs[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["means"][real], trace.step_means[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["stds"], trace.step_stds, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_recomputed_log_probs_equal_stored_float32(tokenizer, family):
+    model = build(tokenizer, family, seed=3)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    trace = sample(model, prompt_ids, prompt_mask, cfg_scale=2.0, diversity_guidance_scale=0.5, seed=4).trace
+    out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7)
+    real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
+    stored, new = trace.step_log_probs[real], out["log_probs"][real]
+    # relative 1e-5 of the log-prob's size (a sum over L * D = 24 Gaussian terms, so at least 24 in scale)
+    scale = stored.abs().clamp(min=L * D)
+    assert ((new - stored).abs() / scale).max() < 1e-5, (new - stored).abs().max()
+    # the PPO ratio of an unchanged policy is 1
+    torch.testing.assert_close(torch.exp(new - stored), torch.ones_like(stored), rtol=0, atol=1e-3)
+    torch.testing.assert_close(out["means"][real], trace.step_means[real], rtol=1e-5, atol=1e-5)
+
+
+def test_velocities_of_cache_and_packed_forward_agree(tokenizer):
+    """The cached step's velocity (read back from the stored mean) equals the packed forward's, step by step."""
+    model = build(tokenizer, seed=5)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    trace = sample(model, prompt_ids, prompt_mask, sde_noise_level=0.0, seed=6).trace
+    rows, blocks = trace.block_mask.shape
+    steps = torch.arange(K)
+    current = trace.step_latents[:, :, :K]  # (R, Bm, K, L, D)
+    velocity = model._packed_forward(
+        prompt_ids.repeat_interleave(3, 0), prompt_mask.repeat_interleave(3, 0), trace.latents, trace.block_mask,
+        noisy_latents=current.flatten(1, 2),
+        noisy_timesteps=trace.timesteps[steps].repeat(blocks).expand(rows, -1),
+        noisy_block_index=torch.arange(blocks).repeat_interleave(K).expand(rows, -1),
+    )["velocity"].view_as(current)
+    assert velocity.abs().mean() > 0.1  # a real, non-zero velocity field
+    step_size = (trace.timesteps[:-1] - trace.timesteps[1:])[None, None, :, None, None]
+    cached_velocity = (current - trace.step_latents[:, :, 1:]) / step_size
+    real = trace.block_mask
+    # the last step has d = 0.001, which amplifies float32 rounding of z by 1000: compare it on the mean instead
+    torch.testing.assert_close(cached_velocity[real][:, : K - 1], velocity[real][:, : K - 1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(trace.step_latents[:, :, 1:][real], (current - step_size * velocity)[real],
+                               rtol=0, atol=1e-5)
+
+
+def test_zero_noise_is_deterministic_euler(tokenizer):
+    model = build(tokenizer, seed=7)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    first = sample(model, prompt_ids, prompt_mask, sde_noise_level=0.0, seed=8)
+    second = sample(model, prompt_ids, prompt_mask, sde_noise_level=0.0, seed=8)
+    assert torch.equal(first.trace.step_latents, second.trace.step_latents)
+    assert first.completion_ids == second.completion_ids
+    assert torch.equal(first.trace.step_stds, torch.zeros_like(first.trace.step_stds))
+    assert torch.equal(first.trace.step_means, first.trace.step_latents[:, :, 1:])
+    # Euler with the recomputed velocity (sde_noise_level = 0 in the recomputation: mean = z - d v)
+    out = recompute(model, prompt_ids, prompt_mask, first.trace, 3, 0.0)
+    real = first.trace.block_mask
+    torch.testing.assert_close(out["means"][real], first.trace.step_latents[:, :, 1:][real], rtol=0, atol=1e-5)
+    # a different seed gives different latents (the initial noise), so the equality above is not vacuous
+    other = sample(model, prompt_ids, prompt_mask, sde_noise_level=0.0, seed=9)
+    assert (other.trace.step_latents[:, 0] - first.trace.step_latents[:, 0]).abs().max() > 0.1
+
+
+def test_stored_guidance_is_the_guided_mean_offset(tokenizer):
+    """Block 0 has no earlier blocks, so the cache's unconditional pass equals the packed forward with the prompt
+    dropped: the stored CFG offset is exactly SDE-mean(v_cfg) - SDE-mean(v), plus the diversity offset."""
+    model = build(tokenizer, seed=10)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    cfg_scale, diversity, a, n = 3.0, 0.4, 0.7, 3
+    trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=diversity, seed=11).trace
+    rows = trace.step_latents.shape[0]
+    ids, mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+    current = trace.step_latents[:, 0, :K]  # block 0, (R, K, L, D)
+    times = trace.timesteps[:K].expand(rows, -1)
+    common = dict(noisy_latents=current, noisy_timesteps=times, noisy_block_index=torch.zeros(rows, K, dtype=torch.long))
+    block0 = trace.latents[:, :1]
+    v_cond = model._packed_forward(ids, mask, block0, trace.block_mask[:, :1], **common)["velocity"]
+    v_uncond = model._packed_forward(ids, mask, block0, trace.block_mask[:, :1], drop_prompt=torch.ones(rows, dtype=torch.bool),
+                                     **common)["velocity"]
+    assert (v_cond - v_uncond).abs().max() > 1e-2
+    guided = sampling.classifier_free_guidance(v_cond, v_uncond, cfg_scale)
+    for k in range(K):
+        t, t_next = trace.timesteps[k].expand(rows), trace.timesteps[k + 1].expand(rows)
+        guided_mean, _ = sampling.sde_step_mean(current[:, k], guided[:, k], t, t_next, a, model.config.sde_max_t)
+        plain_mean, _ = sampling.sde_step_mean(current[:, k], v_cond[:, k], t, t_next, a, model.config.sde_max_t)
+        expected = guided_mean - plain_mean + sampling.diversity_guidance(current[:, k], n, t, t_next, diversity)
+        torch.testing.assert_close(trace.guidance[:, 0, k], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(trace.step_means[:, 0, k], plain_mean + expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ attention layout
+
+
+def _packed_inputs(tokenizer, seed=12):
+    generator = torch.Generator().manual_seed(seed)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    batch = prompt_ids.shape[0]
+    answer_ids = torch.tensor(tokenizer(["the answer is 7", "so we get 12"], add_special_tokens=False)["input_ids"])
+    return dict(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+        latents=torch.randn(batch, MAX_BLOCKS, L, D, generator=generator),
+        block_mask=torch.ones(batch, MAX_BLOCKS, dtype=torch.bool),
+        noisy_latents=torch.randn(batch, MAX_BLOCKS, L, D, generator=generator),
+        noisy_timesteps=torch.tensor([[0.9, 0.5, 0.3]]).expand(batch, -1),
+        noisy_block_index=torch.arange(MAX_BLOCKS).expand(batch, -1),
+        answer_ids=answer_ids, answer_mask=torch.ones_like(answer_ids),
+    )
+
+
+def _changed(before, after, atol=1e-6):
+    return (before - after).abs().max().item() > atol
+
+
+@torch.no_grad()
+def test_blocks_are_causal_across_and_bidirectional_inside(tokenizer):
+    model = build(tokenizer, seed=13)
+    inputs = _packed_inputs(tokenizer)
+    reference = model._packed_forward(**inputs)
+
+    # a later clean block does not change earlier blocks' stop logits nor noisy copies of earlier blocks
+    changed = dict(inputs, latents=inputs["latents"].clone())
+    changed["latents"][:, 1] += 1.0
+    out = model._packed_forward(**changed)
+    torch.testing.assert_close(out["stop_logits"][:, 0], reference["stop_logits"][:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["velocity"][:, :2], reference["velocity"][:, :2], rtol=0, atol=1e-6)
+    assert _changed(out["stop_logits"][:, 1:], reference["stop_logits"][:, 1:])
+    assert _changed(out["velocity"][:, 2], reference["velocity"][:, 2])  # block 2's copy sees clean block 1
+    assert _changed(out["answer_logits"], reference["answer_logits"])  # the answer sees every block
+
+    # a noisy copy is context for nothing: changing it only changes its own velocity
+    changed = dict(inputs, noisy_latents=inputs["noisy_latents"].clone())
+    changed["noisy_latents"][:, 1, -1] += 1.0  # the LAST latent token of copy 1
+    out = model._packed_forward(**changed)
+    assert _changed(out["velocity"][:, 1, 0], reference["velocity"][:, 1, 0])  # ... moves its FIRST token
+    torch.testing.assert_close(out["velocity"][:, [0, 2]], reference["velocity"][:, [0, 2]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["stop_logits"], reference["stop_logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["answer_logits"], reference["answer_logits"], rtol=0, atol=1e-6)
+
+    # bidirectional inside a block: every latent token of copy 0 reacts to a change of any other one
+    for token in range(L):
+        changed = dict(inputs, noisy_latents=inputs["noisy_latents"].clone())
+        changed["noisy_latents"][:, 0, token] += 1.0
+        out = model._packed_forward(**changed)
+        for other in range(L):
+            assert _changed(out["velocity"][:, 0, other], reference["velocity"][:, 0, other]), (token, other)
+
+    # a masked (not real) block is invisible: changing it changes nothing of the real ones
+    masked = dict(inputs, block_mask=inputs["block_mask"].clone())
+    masked["block_mask"][:, 2] = False
+    base = model._packed_forward(**masked)
+    masked["latents"] = inputs["latents"].clone()
+    masked["latents"][:, 2] += 1.0
+    out = model._packed_forward(**masked)
+    torch.testing.assert_close(out["answer_logits"], base["answer_logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["stop_logits"][:, :2], base["stop_logits"][:, :2], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_clean_block_hidden_states_are_bidirectional(tokenizer):
+    """Inside a clean block the first latent token's hidden state sees the last one (read off the decoder)."""
+    model = build(tokenizer, seed=14)
+    inputs = _packed_inputs(tokenizer)
+    captured = []
+    original = model._decoder_hidden_states
+
+    def capture(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    model._decoder_hidden_states = capture
+    model._packed_forward(**inputs)
+    changed = dict(inputs, latents=inputs["latents"].clone())
+    changed["latents"][:, 0, -1] += 1.0
+    model._packed_forward(**changed)
+    del model._decoder_hidden_states
+    prompt_length = inputs["prompt_ids"].shape[1]
+    bot, first_latent = prompt_length, prompt_length + 2  # block 0 is <bot>, t, z_1..z_L, <eot>
+    assert _changed(captured[0][:, first_latent], captured[1][:, first_latent])
+    assert _changed(captured[0][:, bot], captured[1][:, bot])
+    torch.testing.assert_close(captured[0][:, :prompt_length], captured[1][:, :prompt_length], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@torch.no_grad()
+def test_left_padding_changes_nothing(tokenizer, family):
+    model = build(tokenizer, family, seed=15)
+    inputs = _packed_inputs(tokenizer)
+    padded = dict(inputs)
+    pad = torch.full((2, 4), tokenizer.pad_token_id)
+    padded["prompt_ids"] = torch.cat([pad, inputs["prompt_ids"]], 1)
+    padded["prompt_mask"] = torch.cat([torch.zeros_like(pad), inputs["prompt_mask"]], 1)
+    reference, out = model._packed_forward(**inputs), model._packed_forward(**padded)
+    for name in ("stop_logits", "velocity", "answer_logits"):
+        torch.testing.assert_close(out[name], reference[name], rtol=0, atol=1e-5)
+    # the same through the cached sampler, with the same initial noise
+    first = sample(model, inputs["prompt_ids"], inputs["prompt_mask"], seed=16, temperature=0.0)
+    second = sample(model, padded["prompt_ids"], padded["prompt_mask"], seed=16, temperature=0.0)
+    torch.testing.assert_close(second.trace.step_latents, first.trace.step_latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(second.trace.step_log_probs, first.trace.step_log_probs, rtol=1e-5, atol=1e-4)
+    assert second.completion_ids == first.completion_ids
+
+
+# ------------------------------------------------------------------ the cache at work
+
+
+def _uncached_tokens(rows, prompt_length, blocks, num_decodes, new_tokens, cfg=1):
+    """What a sampler without a cache feeds: prompt + finished blocks again at every step and every token."""
+    block_width = L + 3
+    total = 0
+    for block in range(blocks):
+        context = prompt_length + block * block_width
+        total += rows * K * cfg * (context + L + 2)  # every denoising step
+        total += rows * (context + block_width)  # the clean block and its stop decision
+    prefix = prompt_length + blocks * block_width
+    total += rows * num_decodes * sum(prefix + 1 + j for j in range(new_tokens))  # each answer token
+    return total
+
+
+@torch.no_grad()
+def test_num_lm_tokens_shows_the_cache_and_the_shared_prefill(tokenizer):
+    model = build(tokenizer, seed=17)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    rows, prompt_length, new_tokens = 2 * 3, prompt_ids.shape[1], 6
+    counts = {}
+    for cfg_scale, decodes in ((1.0, 1), (1.0, 4), (2.0, 4)):
+        out = sample(model, prompt_ids, prompt_mask, seed=18, cfg_scale=cfg_scale, num_decodes_per_latent=decodes,
+                     max_new_tokens=new_tokens, eos_token_ids=None)  # no eos: every answer has new_tokens tokens
+        blocks = out.trace.step_latents.shape[1]
+        assert len(out.completion_ids) == rows * decodes
+        assert all(len(ids) == new_tokens for ids in out.completion_ids)
+        cfg = 2 if cfg_scale != 1.0 else 1
+        expected = (rows * prompt_length + blocks * rows * (K * cfg * (L + 2) + (L + 3))
+                    + rows * decodes * new_tokens)
+        assert out.trace.num_lm_tokens == expected, (cfg_scale, decodes, out.trace.num_lm_tokens, expected)
+        uncached = _uncached_tokens(rows, prompt_length, blocks, decodes, new_tokens, cfg)
+        assert out.trace.num_lm_tokens < 0.4 * uncached, (out.trace.num_lm_tokens, uncached)
+        counts[cfg_scale, decodes] = (out, blocks)
+    # M decodes share one prefill: going from 1 to 4 decodes only adds the 3 extra answers' tokens
+    (one, blocks_one), (four, blocks_four) = counts[1.0, 1], counts[1.0, 4]
+    assert blocks_one == blocks_four
+    assert four.trace.num_lm_tokens - one.trace.num_lm_tokens == rows * 3 * new_tokens
+    torch.testing.assert_close(four.trace.step_latents, one.trace.step_latents)
+    # the M answers of latent r are rows r*M .. r*M + M - 1 and are drawn independently
+    assert len({tuple(ids) for ids in four.completion_ids}) > rows
+
+
+@torch.no_grad()
+def test_stop_head_ends_rows_at_different_blocks(tokenizer):
+    model = build(tokenizer, seed=19)
+    with torch.no_grad():
+        model.stop_head.bias.copy_(torch.tensor([0.0, 0.0]))
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    trace = sample(model, prompt_ids, prompt_mask, num_latents=8, seed=20).trace
+    assert trace.num_blocks.min() >= 1 and trace.num_blocks.max() <= MAX_BLOCKS
+    torch.testing.assert_close(trace.block_mask.sum(1), trace.num_blocks)
+    # block_mask is a prefix of ones per row
+    assert torch.equal(trace.block_mask, torch.arange(trace.block_mask.shape[1])[None] < trace.num_blocks[:, None])
+
+
+# ------------------------------------------------------------------ save / load
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    model = build(tokenizer, "qwen2", seed=21)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    loaded = LaDiRModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.latent_dim == D and loaded.config.text_config.model_type == "qwen2"
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert set(state) == set(loaded_state)
+    for name, value in state.items():
+        assert torch.equal(value, loaded_state[name]), name
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    first = sample(model, prompt_ids, prompt_mask, seed=22)
+    second = sample(loaded, prompt_ids, prompt_mask, seed=22)
+    assert torch.equal(first.trace.step_latents, second.trace.step_latents)
+    assert first.completion_ids == second.completion_ids
+    # the loaded model still has two working adapters, and the reasoner one is active
+    assert loaded._active_adapter == REASONER_ADAPTER
+    assert len(loaded.adapter_parameters(ENCODER_ADAPTER)) == len(model.adapter_parameters(ENCODER_ADAPTER)) > 0
+
+
+# ------------------------------------------------------------------ training signals
+
+
+SENTENCES = ["the cat sat on the mat .", "the dog sat on a mat .", "what is 3 plus 4 ?", "first add 2 and 5 then take 1 .",
+             "so we get 7 .", "the answer is 12 .", "next question solve it .", "a b c d e f g h"]
+
+
+def _sentence_batch(tokenizer):
+    encoded = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SENTENCES]
+    width = max(map(len, encoded))
+    batch = len(encoded)
+    sentence_ids = torch.full((batch, width), tokenizer.pad_token_id)
+    sentence_mask = torch.zeros(batch, width, dtype=torch.long)
+    target_ids = torch.full((batch, width + 1), tokenizer.pad_token_id)
+    target_mask = torch.zeros(batch, width + 1, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        sentence_ids[row, width - len(ids):], sentence_mask[row, width - len(ids):] = torch.tensor(ids), 1
+        target_ids[row, : len(ids) + 1], target_mask[row, : len(ids) + 1] = torch.tensor(ids + [tokenizer.eos_token_id]), 1
+    return dict(sentence_ids=sentence_ids, sentence_mask=sentence_mask, target_ids=target_ids, target_mask=target_mask)
+
+
+def _evaluate(model, task, inputs, seed=0):
+    torch.manual_seed(seed)  # the same reparameterisation noise / flow times before and after training
+    with torch.no_grad():
+        return model(task=task, **inputs)
+
+
+def test_vae_training_lowers_reconstruction_loss(tokenizer):
+    batch = _sentence_batch(tokenizer)
+    # the VAE decoder is the frozen base LM, so it needs a base that knows some language: a few LM steps on the
+    # sentences stand in for pre-training (a randomly initialised tiny LM can not be steered by a prefix at all)
+    torch.manual_seed(23)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
+    optimizer = torch.optim.Adam(base.parameters(), lr=1e-2)
+    labels = batch["target_ids"].masked_fill(batch["target_mask"] == 0, -100)
+    for _ in range(50):
+        loss = base(input_ids=batch["target_ids"], attention_mask=batch["target_mask"], labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model = LaDiRModel.from_base(base, latent_tokens_per_block=L, latent_dim=D, encoder_lora_rank=4, reasoner_lora_rank=4)
+    frozen_base = {n: p.detach().clone() for n, p in model.language_model.named_parameters() if "lora_" not in n}
+    model.train_only(model.vae_parameters())
+    before = _evaluate(model, "vae", batch)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(40):
+        loss = model(task="vae", **batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _evaluate(model.eval(), "vae", batch)
+    assert after["reconstruction_loss"] < 0.5 * before["reconstruction_loss"], (before, after)
+    assert after["token_accuracy"] > before["token_accuracy"] + 0.05, (before, after)
+    # only the VAE's parameters moved
+    for name, parameter in model.language_model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(parameter, frozen_base[name]), name
+
+
+def test_reasoner_training_lowers_flow_loss(tokenizer):
+    model = build(tokenizer, seed=24, randomize=False)
+    generator = torch.Generator().manual_seed(25)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    answer_ids = torch.tensor(tokenizer(["the answer is 7", "so we get 12"], add_special_tokens=False)["input_ids"])
+    batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                 latents=torch.randn(2, 2, L, D, generator=generator) + 1.0,
+                 block_mask=torch.tensor([[True, True], [True, False]]),
+                 answer_ids=answer_ids, answer_mask=torch.ones_like(answer_ids))
+    model.train_only(model.reasoner_parameters())
+    def flow_loss():  # averaged over a few draws of (t, noise), the same draws before and after
+        return torch.stack([_evaluate(model, "reasoner", batch, seed)["flow_loss"] for seed in range(4)]).mean()
+
+    before, before_flow = _evaluate(model, "reasoner", batch), flow_loss()
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(40):
+        loss = model(task="reasoner", **batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after, after_flow = _evaluate(model.eval(), "reasoner", batch), flow_loss()
+    assert after_flow < 0.7 * before_flow, (before_flow, after_flow)
+    assert after["answer_loss"] < before["answer_loss"], (before, after)
+    assert after["stop_loss"] < before["stop_loss"], (before, after)
+
+
+# ------------------------------------------------------------------ adapters
+
+
+def _flags(model):
+    return {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+
+
+def _decoder_logits(model, latents):
+    with torch.no_grad(), model.using_adapter(None):
+        return model.language_model(inputs_embeds=model._vae_decoder_inputs(latents)).logits
+
+
+def test_adapter_switching_and_independence(tokenizer):
+    model = build(tokenizer, seed=26)
+    model.train_only(model.vae_parameters())
+    flags = _flags(model)
+    assert any(flags[n] for n in flags if f".{ENCODER_ADAPTER}." in n)
+    assert not any(flags[n] for n in flags if f".{REASONER_ADAPTER}." in n)
+    for adapter in (None, ENCODER_ADAPTER, REASONER_ADAPTER):
+        with model.using_adapter(adapter):
+            assert model._active_adapter == adapter
+            assert _flags(model) == flags, adapter
+        assert _flags(model) == flags and model._active_adapter == REASONER_ADAPTER
+
+    latents = torch.randn(2, L, D, generator=torch.Generator().manual_seed(27))
+    inputs = _packed_inputs(tokenizer)
+    batch = _sentence_batch(tokenizer)
+    decoder = _decoder_logits(model, latents)
+    with torch.no_grad():
+        reasoner = model._packed_forward(**inputs)["velocity"]
+        encoded = model.encode(batch["sentence_ids"], batch["sentence_mask"])[0]
+        for parameter in model.adapter_parameters(ENCODER_ADAPTER):
+            parameter.add_(0.5)
+    with torch.no_grad():
+        assert torch.equal(_decoder_logits(model, latents), decoder)  # the decoder has adapters off
+        torch.testing.assert_close(model._packed_forward(**inputs)["velocity"], reasoner, rtol=0, atol=0)
+        assert _changed(model.encode(batch["sentence_ids"], batch["sentence_mask"])[0], encoded, atol=1e-3)
+        for parameter in model.adapter_parameters(REASONER_ADAPTER):
+            parameter.add_(0.5)
+        assert torch.equal(_decoder_logits(model, latents), decoder)
+        assert _changed(model._packed_forward(**inputs)["velocity"], reasoner, atol=1e-3)
+    assert _flags(model) == flags
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_unsupported_base_model_is_named(tokenizer):
+    gpt2 = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="gpt2.*llama, qwen2, qwen3, mistral"):
+        LaDiRConfig(text_config=gpt2)
+    with pytest.raises(ValueError, match="not supported"):
+        LaDiRModel.from_base(GPT2LMHeadModel(gpt2), latent_tokens_per_block=L, latent_dim=D)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(latent_dim=0), "latent_dim"),
+    (dict(latent_dim=10_000), "latent_dim"),
+    (dict(latent_tokens_per_block=0), "latent_tokens_per_block"),
+    (dict(max_blocks=0), "max_blocks"),
+])
+def test_latent_sizes_that_do_not_fit(tokenizer, options, message):
+    config = dict(latent_tokens_per_block=L, latent_dim=D)
+    config.update(options)
+    with pytest.raises(ValueError, match=message):
+        LaDiRConfig(text_config=tiny_llama_config(tokenizer), **config)
+
+
+def test_tokenizer_without_pad_token_says_how_to_fix_it():
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match=r"pad token.*tokenizer\.pad_token = tokenizer\.eos_token"):
+        tokenize_prompts(tokenizer, ["what is 3 plus 4 ?"])
