@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -24,8 +25,11 @@ def test_timesteps_run_from_one_to_zero_and_match_diffusers(num_steps, shift):
     assert timesteps[-1].item() == 0.0
     assert bool((timesteps[1:] < timesteps[:-1]).all()), timesteps
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    scheduler.set_timesteps(num_steps)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps))
     torch.testing.assert_close(timesteps, scheduler.sigmas.float(), rtol=0, atol=1e-7)
+    # unshifted, the steps are uniform: no tiny last step that would dominate the SDE log-probabilities
+    if shift == 1.0:
+        torch.testing.assert_close(timesteps, torch.linspace(1, 0, num_steps + 1), rtol=0, atol=1e-6)
     # diffusers' own timesteps are the same times on its 0..1000 scale
     torch.testing.assert_close(timesteps[:-1] * 1000, scheduler.timesteps.float(), rtol=1e-6, atol=1e-3)
 

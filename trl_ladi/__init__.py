@@ -3,7 +3,6 @@
 __version__ = "0.1.0"
 
 from trl_ladi.modeling import LaDiRConfig, LaDiRModel
-from trl_ladi.trainers.ladirl_config import LaDiRLConfig
-from trl_ladi.trainers.ladirl_trainer import LaDiRLTrainer
+from trl_ladi.trainers import LaDiRLConfig, LaDiRLTrainer, LaDiRSFTConfig, LaDiRSFTTrainer
 
-__all__ = ["LaDiRConfig", "LaDiRModel", "LaDiRLConfig", "LaDiRLTrainer"]
+__all__ = ["LaDiRConfig", "LaDiRModel", "LaDiRLConfig", "LaDiRLTrainer", "LaDiRSFTConfig", "LaDiRSFTTrainer"]

@@ -12,6 +12,7 @@ Everything here works on tensors of shape ``(batch, ...)``; nothing here knows a
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -20,11 +21,14 @@ def flow_matching_timesteps(num_denoise_steps: int, shift: float = 1.0) -> torch
     """The ``num_denoise_steps + 1`` times ``1 = t_0 > t_1 > ... > t_K = 0`` of the sampler, in ``[0, 1]``.
 
     Taken from diffusers' ``FlowMatchEulerDiscreteScheduler`` so that a shifted schedule means what it means there.
+    The unshifted times are ``1, 1 - 1/K, ..., 1/K`` then 0, as diffusers' flow pipelines (SD3, Flux) pass them: the
+    scheduler's own default ends with a step from ``t = 0.001`` to 0, whose tiny noise would dominate every
+    log-probability of the SDE policy.
     """
     if num_denoise_steps < 1:
         raise ValueError(f"num_denoise_steps must be at least 1, got {num_denoise_steps}.")
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    scheduler.set_timesteps(num_denoise_steps)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_denoise_steps, num_denoise_steps))
     return scheduler.sigmas.to(torch.float32)  # the scheduler's sigmas are flow-matching times, ending with 0
 
 

@@ -4,6 +4,7 @@ from trl import GRPOConfig
 
 SUPPORTED_LOSS_TYPES = ("grpo", "dapo", "bnpo", "dr_grpo", "luspo")
 LATENT_UTILITIES = ("mean", "max", "min")
+LATENT_POLICY_PARAMETERS = ("velocity_head", "reasoner")
 
 
 @dataclass
@@ -75,16 +76,24 @@ class LaDiRLConfig(GRPOConfig):
         metadata={"help": "Weight of the KL between the denoiser's Gaussian steps and a frozen reference denoiser, "
                   "`||mu_theta - mu_ref||^2 / (2 std^2)` per step. Defaults to `beta`."},
     )
+    latent_policy_parameters: str = field(
+        default="velocity_head",
+        metadata={"help": "What the latent loss trains. 'velocity_head': the denoiser's adaLN output head only; "
+                  "nothing the answer decoder reads changes, so a latent keeps decoding to the same text. "
+                  "'reasoner': also the reasoner's LoRA adapter, latent input map, time embedding and markers, which "
+                  "the answer decoder shares (one LM plays both roles), so decoding drifts as the policy moves: use "
+                  "a small learning rate.",
+                  "choices": list(LATENT_POLICY_PARAMETERS)},
+    )
     denoiser_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the diffusion-only parameters (time embedding, latent input map, "
-                  "velocity head, block markers). Defaults to `learning_rate`."},
+        metadata={"help": "Learning rate of the denoiser's velocity head. Defaults to `learning_rate`."},
     )
     text_policy_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the reasoner's language-model adapter (LoRA), the answer marker and the "
-                  "stop head: the parts the answer decoder uses (the LoRA is also moved by the latent loss). "
-                  "Defaults to `learning_rate`."},
+        metadata={"help": "Learning rate of the parameters the answer decoder shares with the denoiser (reasoner "
+                  "LoRA, latent input map, time embedding, markers), trained when `text_policy_coef > 0` or "
+                  "`latent_policy_parameters='reasoner'`. Defaults to `learning_rate`."},
     )
 
     # Defaults that differ from GRPOConfig's.
@@ -117,6 +126,10 @@ class LaDiRLConfig(GRPOConfig):
             )
         if not 0 < self.train_timestep_fraction <= 1:
             raise ValueError(f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}.")
+        if self.latent_policy_parameters not in LATENT_POLICY_PARAMETERS:
+            raise ValueError(
+                f"latent_policy_parameters must be one of {LATENT_POLICY_PARAMETERS}, got '{self.latent_policy_parameters}'."
+            )
         if self.latent_utility not in LATENT_UTILITIES:
             raise ValueError(f"latent_utility must be one of {LATENT_UTILITIES}, got '{self.latent_utility}'.")
         if self.text_policy_coef < 0:

@@ -92,7 +92,8 @@ class LaDiRLTrainer(GRPOTrainer):
                 f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}). "
                 "Rename your prompt column, e.g. `dataset.rename_column('question', 'prompt')`."
             )
-        model.train_only(model.reasoner_parameters())
+        velocity_head, shared = self._policy_parameters(model, args)
+        model.train_only(velocity_head + shared)
         # The reference denoiser is copied now: GRPOTrainer patches `model.forward` (fused LM head) with a closure
         # over this model, and a copy taken after that would run the policy's weights.
         latent_kl_beta = args.latent_kl_beta
@@ -131,19 +132,32 @@ class LaDiRLTrainer(GRPOTrainer):
             "extra": defaultdict(lambda: deque(maxlen=rows)),
         }
 
+    @staticmethod
+    def _policy_parameters(model: LaDiRModel, args: LaDiRLConfig) -> tuple[list, list]:
+        """The trained parameters: the velocity head (denoiser only), and those shared with the answer decoder.
+
+        The stop head is never trained here: stopping is not part of the policy gradient (and an unused trainable
+        parameter breaks DDP).
+        """
+        velocity_head = list(model.velocity_head.parameters())
+        shared = []
+        if args.latent_policy_parameters == "reasoner" or args.text_policy_coef > 0:
+            shared = model.adapter_parameters("reasoner") + [model.marker_embeddings]
+            for module in (model.reasoner_latent_in, model.timestep_embedding):
+                shared.extend(module.parameters())
+        return velocity_head, shared
+
     def create_optimizer(self, model=None):
-        """AdamW with two learning rates: diffusion-only parameters, and the parts the answer decoder uses."""
+        """The Trainer's optimizer with two learning rates: the velocity head, and the shared parameters."""
         if self.optimizer is not None:
             return self.optimizer
         ladir = self.accelerator.unwrap_model(self.model)
-        text_policy = ladir.adapter_parameters("reasoner") + list(ladir.stop_head.parameters())
-        text_ids = {id(p) for p in text_policy}
-        denoiser = [p for p in ladir.reasoner_parameters() if id(p) not in text_ids]
+        velocity_head, shared = self._policy_parameters(ladir, self.args)
         optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, ladir)
         optimizer_kwargs.pop("lr", None)
         groups = [
-            {"params": [p for p in denoiser if p.requires_grad], "lr": self.args.denoiser_learning_rate or self.args.learning_rate},
-            {"params": [p for p in text_policy if p.requires_grad], "lr": self.args.text_policy_learning_rate or self.args.learning_rate},
+            {"params": velocity_head, "lr": self.args.denoiser_learning_rate or self.args.learning_rate},
+            {"params": shared, "lr": self.args.text_policy_learning_rate or self.args.learning_rate},
         ]
         self.optimizer = optimizer_class([group for group in groups if group["params"]], **optimizer_kwargs)
         return self.optimizer

@@ -1,0 +1,358 @@
+"""LaDiRSFTTrainer: the VAE and reasoner stages on a tiny model and a synthetic arithmetic data set.
+
+The pipeline fixture runs what a user runs: a (tiny, briefly pre-trained) causal LM -> `LaDiRModel.from_base` ->
+VAE stage -> reasoner stage -> `save_model`, and records the numbers the tests check.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, HfArgumentParser
+
+from tiny import make_tokenizer, tiny_llama_config
+from trl_ladi.modeling import LaDiRModel, tokenize_prompts
+from trl_ladi.trainers import LaDiRSFTConfig, LaDiRSFTTrainer
+from trl_ladi.trainers.sft_trainer import DataCollatorForLatentReasoner, DataCollatorForSentenceVAE
+
+ANSWER_TEMPLATE = "the answer is {answer}"  # the tiny tokenizer splits on whitespace only
+
+
+def chain_rows():
+    """`a + b - b`: two worked steps, and an answer the reasoner can learn fast (it equals the first term)."""
+    rows = {"prompt": [], "reasoning": [], "answer": []}
+    for a in range(1, 10):
+        for b in range(1, 10):
+            rows["prompt"].append([{"role": "user", "content": f"what is {a} + {b} - {b} ?"}])
+            rows["reasoning"].append(f"{a} + {b} = {a + b} .\n{a + b} - {b} = {a} .")
+            rows["answer"].append(str(a))
+    return rows
+
+
+def pretrained_tiny_lm(tokenizer, rows, steps=100):
+    """A tiny Llama that has seen the data set's text, standing in for a pretrained base LM (the VAE decoder is
+    the frozen base LM, so it has to know the language already)."""
+    torch.manual_seed(0)
+    language_model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer, hidden_size=64))
+    texts = [
+        f"{prompt[0]['content']} {reasoning} {ANSWER_TEMPLATE.format(answer=answer)}"
+        for prompt, reasoning, answer in zip(rows["prompt"], rows["reasoning"], rows["answer"])
+    ]
+    input_ids = torch.tensor([tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts])
+    optimizer = torch.optim.AdamW(language_model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        language_model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return language_model
+
+
+def tiny_ladir_model(language_model):
+    return LaDiRModel.from_base(
+        language_model,
+        latent_tokens_per_block=2,
+        latent_dim=16,
+        max_blocks=3,
+        encoder_lora_rank=8,
+        reasoner_lora_rank=8,
+        timestep_embedding_dim=32,
+    )
+
+
+def sft_config(tmp_path, stage, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / stage),
+        stage=stage,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        disable_tqdm=True,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=3e-3,
+        logging_steps=10,
+        seed=0,
+        answer_template=ANSWER_TEMPLATE,
+    )
+    settings.update(overrides)
+    return LaDiRSFTConfig(**settings)
+
+
+def answer_accuracy(model, tokenizer, rows) -> float:
+    generator = torch.Generator().manual_seed(0)
+    texts = model.sample_answers(tokenizer, rows["prompt"], temperature=0.0, generator=generator).texts
+    expected = [ANSWER_TEMPLATE.format(answer=answer) for answer in rows["answer"]]
+    return sum(text.strip() == target for text, target in zip(texts, expected)) / len(expected)
+
+
+def snapshot(parameters):
+    return [parameter.detach().clone() for parameter in parameters]
+
+
+def unchanged(before, parameters):
+    return all(torch.equal(old, new.detach()) for old, new in zip(before, parameters))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ladir_sft")
+    tokenizer = make_tokenizer()
+    rows = chain_rows()
+    dataset = datasets.Dataset.from_dict(rows)
+    model = tiny_ladir_model(pretrained_tiny_lm(tokenizer, rows))
+    results = {"tokenizer": tokenizer, "rows": rows, "model": model}
+
+    reasoner_before_vae = snapshot(model.reasoner_parameters())
+    vae_trainer = LaDiRSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, "vae", num_train_epochs=8, per_device_train_batch_size=8, token_substitution_prob=0.1),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    results["vae_accuracy_before"] = vae_trainer.evaluate()["eval_token_accuracy"]
+    vae_trainer.train()
+    results["vae_accuracy_after"] = vae_trainer.evaluate()["eval_token_accuracy"]
+    results["reasoner_untouched_by_vae"] = unchanged(reasoner_before_vae, model.reasoner_parameters())
+    results["vae_trainer"] = vae_trainer
+
+    vae_before_reasoner = snapshot(model.vae_parameters())
+    results["answer_accuracy_before"] = answer_accuracy(model, tokenizer, rows)
+    reasoner_trainer = LaDiRSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, "reasoner", num_train_epochs=12),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    reasoner_trainer.train()
+    results["answer_accuracy_after"] = answer_accuracy(model, tokenizer, rows)
+    results["vae_untouched_by_reasoner"] = unchanged(vae_before_reasoner, model.vae_parameters())
+    results["flow_losses"] = [entry["flow_loss"] for entry in reasoner_trainer.state.log_history if "flow_loss" in entry]
+    results["saved_dir"] = tmp_path / "saved"
+    reasoner_trainer.save_model(str(results["saved_dir"]))
+    print({name: value for name, value in results.items() if "accuracy" in name or name == "flow_losses"})
+    return results
+
+
+# ---------------------------------------------------------------------- the stages
+
+
+def test_vae_stage_learns_to_reconstruct_and_sets_scaling_factor(pipeline):
+    before, after = pipeline["vae_accuracy_before"], pipeline["vae_accuracy_after"]
+    assert after > before + 0.15, (before, after)
+    assert pipeline["reasoner_untouched_by_vae"]
+
+    model, trainer = pipeline["model"], pipeline["vae_trainer"]
+    factor = model.config.latent_scaling_factor
+    assert factor != 1.0
+    logged = [entry["latent_scaling_factor"] for entry in trainer.state.log_history if "latent_scaling_factor" in entry]
+    assert logged and logged[-1] == pytest.approx(factor)
+    # metrics were logged per window, with the stage's names
+    assert any("reconstruction_loss" in entry and "kl" in entry for entry in trainer.state.log_history)
+
+
+def test_reasoner_stage_lowers_flow_loss_and_answers_better(pipeline):
+    flow_losses = pipeline["flow_losses"]
+    assert len(flow_losses) >= 3 and flow_losses[-1] < 0.7 * flow_losses[0], flow_losses
+    before, after = pipeline["answer_accuracy_before"], pipeline["answer_accuracy_after"]
+    assert before <= 0.3 and after >= before + 0.4, (before, after)
+    assert pipeline["vae_untouched_by_reasoner"]
+
+
+def test_saved_model_reloads_and_generates_the_same(pipeline):
+    model, tokenizer, rows = pipeline["model"], pipeline["tokenizer"], pipeline["rows"]
+    reloaded = LaDiRModel.from_pretrained(pipeline["saved_dir"])
+    assert reloaded.config.latent_scaling_factor == pytest.approx(model.config.latent_scaling_factor)
+    prompts = rows["prompt"][:6]
+    outputs = []
+    for candidate in (model, reloaded):
+        candidate.eval()
+        generator = torch.Generator().manual_seed(7)
+        outputs.append(candidate.sample_answers(tokenizer, prompts, temperature=0.7, generator=generator))
+    assert outputs[0].texts == outputs[1].texts
+    torch.testing.assert_close(outputs[0].latents, outputs[1].latents)
+    # the VAE decoder shows the sampled latent blocks as text
+    thoughts = reloaded.decode_latents_to_text(outputs[1].latents[0], tokenizer)
+    assert len(thoughts) == outputs[1].latents.shape[1] and all(isinstance(text, str) for text in thoughts)
+
+
+# ---------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    language_model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
+    return tiny_ladir_model(language_model), tokenizer
+
+
+def test_gsm8k_solution_column_is_split_into_blocks_and_answer(small_model, tmp_path):
+    model, tokenizer = small_model
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": ["what is 3 + 4 + 5 ?"], "solution": ["3 + 4 = 7 .\n7 + 5 = 12 .\n#### 12"]}
+    )
+    vae = LaDiRSFTTrainer(model=model, args=sft_config(tmp_path, "vae"), train_dataset=dataset, processing_class=tokenizer)
+    sentences = [tokenizer.decode(ids) for ids in vae.train_dataset["sentence_ids"]]
+    assert sentences == ["3 + 4 = 7 .", "7 + 5 = 12 ."]
+
+    reasoner = LaDiRSFTTrainer(
+        model=model, args=sft_config(tmp_path, "reasoner"), train_dataset=dataset, processing_class=tokenizer
+    )
+    row = reasoner.train_dataset[0]
+    assert tokenizer.decode(row["answer_ids"]) == "the answer is 12 <eos>"
+    assert row["latents"].shape == (2, model.config.latent_tokens_per_block, model.config.latent_dim)
+
+
+def test_rows_without_answer_marker_are_reported_by_index(small_model, tmp_path):
+    model, tokenizer = small_model
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": ["a", "b", "c", "d"], "solution": ["1 + 1 = 2 .\n#### 2", "1 + 1 = 2 .", "#### 3 +", "no marker"]}
+    )
+    with pytest.raises(ValueError, match=r"rows \[1, 3\]"):
+        LaDiRSFTTrainer(model=model, args=sft_config(tmp_path, "vae"), train_dataset=dataset, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize(
+    "columns, missing",
+    [({"question": ["q"], "reasoning": ["r ."], "answer": ["1"]}, "'prompt'"), ({"prompt": ["q"], "reasoning": ["r ."]}, "'answer'")],
+)
+def test_missing_column_is_named(small_model, tmp_path, columns, missing):
+    model, tokenizer = small_model
+    with pytest.raises(ValueError, match=missing):
+        LaDiRSFTTrainer(
+            model=model, args=sft_config(tmp_path, "vae"), train_dataset=datasets.Dataset.from_dict(columns),
+            processing_class=tokenizer,
+        )
+
+
+def test_vae_collator_pads_encoder_left_and_targets_right_with_eos():
+    collator = DataCollatorForSentenceVAE(pad_token_id=0, eos_token_id=1)
+    batch = collator([{"sentence_ids": [5, 6, 7]}, {"sentence_ids": [8]}])
+    assert batch["sentence_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["sentence_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["target_ids"].tolist() == [[5, 6, 7, 1], [8, 1, 0, 0]]
+    assert batch["target_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_reasoner_collator_formats_prompts_like_the_sampler(conversational):
+    tokenizer = make_tokenizer()
+    prompts = ["what is 1 + 2 ?", "what is 3 ?"]
+    if conversational:
+        prompts = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    examples = [
+        {"prompt": prompts[0], "answer_ids": [5, 1], "latents": torch.ones(2, 2, 4)},
+        {"prompt": prompts[1], "answer_ids": [6, 7, 1], "latents": torch.ones(1, 2, 4)},
+    ]
+    batch = DataCollatorForLatentReasoner(tokenizer)(examples)
+    expected_ids, expected_mask = tokenize_prompts(tokenizer, prompts)
+    assert torch.equal(batch["prompt_ids"], expected_ids) and torch.equal(batch["prompt_mask"], expected_mask)
+    assert batch["block_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["latents"].shape == (2, 2, 2, 4) and batch["latents"][1, 1].abs().sum() == 0
+    assert batch["answer_ids"].tolist() == [[5, 1, 0], [6, 7, 1]]
+    assert batch["answer_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+    truncated = DataCollatorForLatentReasoner(tokenizer, max_prompt_length=3)(examples)
+    assert torch.equal(truncated["prompt_ids"], expected_ids[:, -3:])
+
+
+def test_token_substitution_replaces_about_the_configured_fraction(small_model, tmp_path):
+    model, tokenizer = small_model
+    dataset = datasets.Dataset.from_dict({"prompt": ["q"], "reasoning": ["the cat sat on the mat ."], "answer": ["1"]})
+    trainer = LaDiRSFTTrainer(
+        model=model, args=sft_config(tmp_path, "vae", token_substitution_prob=0.25), train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    sentence_ids = torch.full((200, 50), tokenizer.convert_tokens_to_ids("cat"))
+    sentence_mask = torch.ones_like(sentence_ids)
+    sentence_mask[:, :10] = 0  # left padding is never substituted
+    torch.manual_seed(0)
+    substituted = trainer._substitute_tokens(sentence_ids, sentence_mask)
+    changed = substituted != sentence_ids
+    assert not changed[:, :10].any()
+    assert 0.2 < changed[:, 10:].float().mean() < 0.3
+    assert not set(substituted[changed].tolist()) & set(tokenizer.all_special_ids)
+
+
+# ---------------------------------------------------------------------- config
+
+
+def test_config_parses_from_the_command_line_and_documents_every_field():
+    (config,) = HfArgumentParser(LaDiRSFTConfig).parse_args_into_dataclasses(
+        ["--output_dir", "out", "--stage", "reasoner", "--flow_weight", "3", "--use_cpu", "--report_to", "none"]
+    )
+    assert config.stage == "reasoner" and config.flow_weight == 3.0
+    assert config.remove_unused_columns is False and config.gradient_checkpointing is False
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    added = {field.name for field in fields(LaDiRSFTConfig)} - {field.name for field in fields(TrainingArguments)}
+    assert added and all(LaDiRSFTConfig.__dataclass_fields__[name].metadata.get("help") for name in added)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"stage": "rl"}, "stage must be one of"), ({"answer_template": "The answer is"}, "must contain '{answer}'")],
+)
+def test_config_rejects_bad_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LaDiRSFTConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+def test_trainer_needs_a_ladir_model(tmp_path):
+    tokenizer = make_tokenizer()
+    language_model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
+    dataset = datasets.Dataset.from_dict({"prompt": ["q"], "reasoning": ["r ."], "answer": ["1"]})
+    with pytest.raises(TypeError, match="LaDiRModel.from_base"):
+        LaDiRSFTTrainer(model=language_model, args=sft_config(tmp_path, "vae"), train_dataset=dataset, processing_class=tokenizer)
+
+
+# ---------------------------------------------------------------------- distributed
+
+TWO_PROCESS_SCRIPT = """
+import dataclasses
+import datasets, torch
+from tiny import make_tokenizer, tiny_llama_config
+from test_sft_trainer import chain_rows, tiny_ladir_model
+from transformers import AutoModelForCausalLM
+from trl_ladi.trainers import LaDiRSFTConfig, LaDiRSFTTrainer
+
+tokenizer = make_tokenizer()
+torch.manual_seed(0)
+model = tiny_ladir_model(AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer)))
+args = LaDiRSFTConfig(
+    output_dir="{output_dir}", stage="vae", use_cpu=True, report_to="none", save_strategy="no", bf16=False,
+    disable_tqdm=True, per_device_train_batch_size=8, max_steps=6, logging_steps=2,
+)
+dataset = datasets.Dataset.from_dict(chain_rows())
+trainer = LaDiRSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+trainer.train()
+factor = model.config.latent_scaling_factor
+gathered = trainer.accelerator.gather(torch.tensor([factor]))
+assert trainer.accelerator.num_processes == 2
+assert torch.allclose(gathered, gathered[0]), gathered  # the weights stayed in sync, so every process measured the same
+reasoner = LaDiRSFTTrainer(model=model, args=dataclasses.replace(args, stage="reasoner"), train_dataset=dataset, processing_class=tokenizer)
+reasoner.train()
+if trainer.is_world_process_zero():
+    print("TWO_PROCESS_OK", trainer.state.global_step, reasoner.state.global_step, factor)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_run(tmp_path):
+    script = tmp_path / "two_process_sft.py"
+    script.write_text(textwrap.dedent(TWO_PROCESS_SCRIPT.format(output_dir=tmp_path / "out")))
+    repo_root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "tests"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)]
+    result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TWO_PROCESS_OK 6 6" in result.stdout, result.stdout[-2000:]

@@ -1,0 +1,319 @@
+"""`LaDiRSFTTrainer`: the two supervised LaDiR stages that turn a causal LM into a latent reasoner.
+
+Both stages read rows of `prompt`, `reasoning` and `answer` (or a GSM8K-style `solution`), and cut the reasoning into
+sentences, one latent block each.
+
+* `stage="vae"` trains the β-VAE (encoder adapter, query tokens, heads, decoder input map) on single sentences:
+  the encoder reads a sentence, possibly with some tokens replaced by random ones; the frozen base LM reconstructs
+  the clean sentence from a noisy sample of the latent block. At the end, `latent_scaling_factor = 1 / std(mu)` is
+  measured on training sentences and written into the model config, so the reasoner sees unit-variance latents.
+* `stage="reasoner"` trains the diffusion reasoner (reasoner adapter and heads) with teacher forcing: every row's
+  blocks are encoded once before training (`scaling_factor * mu`, no gradient), then each step scores flow matching
+  on those latents, the answer tokens after them, and the stop head ("another block" or "answer").
+"""
+
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer
+from trl.trainer.utils import pad
+
+from trl_ladi.data import prepare_cot_dataset, split_reasoning_into_sentences
+from trl_ladi.modeling import LaDiRModel, check_tokenizer, tokenize_prompts
+from trl_ladi.trainers.sft_config import LaDiRSFTConfig
+
+STAGE_METRICS = {
+    "vae": ("reconstruction_loss", "kl", "token_accuracy"),
+    "reasoner": ("flow_loss", "answer_loss", "stop_loss"),
+}
+NUM_SUMMARY_EXAMPLES = 2
+
+
+def _pad_token_lists(sequences: list[list[int]], pad_token_id: int, padding_side: str):
+    """Token id lists -> padded ``(B, S)`` ids and their attention mask."""
+    ids = pad([torch.tensor(sequence, dtype=torch.long) for sequence in sequences], pad_token_id, padding_side)
+    mask = pad([torch.ones(len(sequence), dtype=torch.long) for sequence in sequences], 0, padding_side)
+    return ids, mask
+
+
+@dataclass
+class DataCollatorForSentenceVAE:
+    """Batches single sentences for the VAE stage.
+
+    The encoder reads the sentences left-padded (its query tokens follow the last real token); the decoder's target
+    is the sentence + eos, right-padded.
+    """
+
+    pad_token_id: int
+    eos_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        sentences = [list(example["sentence_ids"]) for example in examples]
+        sentence_ids, sentence_mask = _pad_token_lists(sentences, self.pad_token_id, "left")
+        targets = [sentence + [self.eos_token_id] for sentence in sentences]
+        target_ids, target_mask = _pad_token_lists(targets, self.pad_token_id, "right")
+        return {"sentence_ids": sentence_ids, "sentence_mask": sentence_mask, "target_ids": target_ids, "target_mask": target_mask}
+
+
+@dataclass
+class DataCollatorForLatentReasoner:
+    """Batches traces for the reasoner stage: prompt, the encoded latent blocks, and the answer.
+
+    Prompts are tokenized here with `tokenize_prompts`, exactly as the sampler tokenizes them (chat template with a
+    generation prompt for conversations), and left-padded; the blocks of a batch are zero-padded to its longest trace
+    (`block_mask` marks the real ones); answers are right-padded.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    max_prompt_length: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict:
+        prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, [example["prompt"] for example in examples])
+        if self.max_prompt_length is not None:  # keep the end: the question and the generation prompt
+            prompt_ids, prompt_mask = prompt_ids[:, -self.max_prompt_length :], prompt_mask[:, -self.max_prompt_length :]
+        latents = [torch.as_tensor(example["latents"], dtype=torch.float32) for example in examples]
+        block_mask = pad([torch.ones(len(blocks), dtype=torch.long) for blocks in latents], 0)
+        answer_ids, answer_mask = _pad_token_lists(
+            [list(example["answer_ids"]) for example in examples], self.tokenizer.pad_token_id, "right"
+        )
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "latents": pad(latents, 0.0),
+            "block_mask": block_mask,
+            "answer_ids": answer_ids,
+            "answer_mask": answer_mask,
+        }
+
+
+class LaDiRSFTTrainer(Trainer):
+    """Trainer for the supervised LaDiR stages (`args.stage`: `"vae"`, then `"reasoner"`).
+
+    Args:
+        model ([`LaDiRModel`]): e.g. `LaDiRModel.from_base("base-lm-dir")`. Only the stage's parameters are trained
+            (`model.train_only(...)`); everything else is frozen.
+        args ([`LaDiRSFTConfig`], *optional*): the stage and its settings.
+        train_dataset (`datasets.Dataset`): rows with `prompt` (a string or chat messages) and `reasoning` + `answer`,
+            or a GSM8K-style `solution` (`"steps ... #### 42"`); see `trl_ladi.data.prepare_cot_dataset`.
+        eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*): same columns; evaluation
+            logs the stage's losses.
+        processing_class (`PreTrainedTokenizerBase`): the base model's tokenizer (needs pad and eos tokens).
+        callbacks, optimizers: as in [`~transformers.Trainer`].
+    """
+
+    # compute_loss returns a per-batch mean, so training_step divides it by the gradient accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: LaDiRModel,
+        args: LaDiRSFTConfig | None = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        if not isinstance(model, LaDiRModel):
+            raise TypeError(
+                f"LaDiRSFTTrainer trains a LaDiRModel, got {type(model).__name__}. Wrap your causal LM first: "
+                "`model = LaDiRModel.from_base('base-model-dir')`."
+            )
+        if processing_class is None:
+            raise ValueError("Pass the base model's tokenizer as `processing_class=`.")
+        check_tokenizer(processing_class)
+        if train_dataset is None:
+            raise ValueError("LaDiRSFTTrainer needs a `train_dataset` with prompt, reasoning and answer columns.")
+        args = args or LaDiRSFTConfig()
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+        if args.stage == "vae":
+            model.train_only(model.vae_parameters())
+            # encoder inputs are corrupted with ordinary tokens, never with pad/eos/chat markers
+            special_ids = set(processing_class.all_special_ids)
+            vocab_size = min(len(processing_class), model.config.text_config.vocab_size)
+            self._substitution_token_ids = torch.tensor([i for i in range(vocab_size) if i not in special_ids])
+            data_collator = DataCollatorForSentenceVAE(processing_class.pad_token_id, processing_class.eos_token_id)
+        else:
+            model.train_only(model.reasoner_parameters())
+            if model.config.latent_scaling_factor == 1.0:
+                warnings.warn(
+                    "model.config.latent_scaling_factor is 1.0, its value before any VAE stage. Train the VAE first "
+                    "(LaDiRSFTConfig(stage='vae')), which sets it so the reasoner sees unit-variance latents.",
+                    stacklevel=2,
+                )
+            # the encoder runs once over the whole dataset here, on the device training will use
+            model.to(args.device)
+            data_collator = DataCollatorForLatentReasoner(processing_class, args.max_prompt_length)
+
+        def prepare(dataset):
+            return self._prepare_dataset(dataset, model, processing_class, args)
+
+        train_dataset = prepare(train_dataset)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: prepare(dataset) for name, dataset in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = prepare(eval_dataset)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        # the columns the collator reads, so that `remove_unused_columns=True` keeps them too
+        self._signature_columns = list(train_dataset.column_names)
+
+    # ------------------------------------------------------------------ data
+
+    @staticmethod
+    def _prepare_dataset(dataset, model: LaDiRModel, tokenizer, args: LaDiRSFTConfig) -> datasets.Dataset:
+        """Validate the rows and build the stage's columns: one row per sentence (VAE) or per trace (reasoner)."""
+        dataset = prepare_cot_dataset(dataset)  # names missing columns and invalid rows
+        sentences = [
+            split_reasoning_into_sentences(reasoning, max_sentences=model.config.max_blocks)
+            for reasoning in dataset["reasoning"]
+        ]
+        flat_sentences = [sentence for row in sentences for sentence in row]
+        flat_ids = [ids[: args.max_sentence_length] for ids in tokenizer(flat_sentences, add_special_tokens=False)["input_ids"]]
+        if args.stage == "vae":
+            return datasets.Dataset.from_dict({"sentence_ids": flat_ids})
+
+        block_latents = model.config.latent_scaling_factor * encode_sentences(
+            model, flat_ids, tokenizer.pad_token_id, args.per_device_eval_batch_size
+        )
+        per_row_latents = block_latents.split([len(row) for row in sentences])
+        answer_texts = [args.answer_template.format(answer=answer) for answer in dataset["answer"]]
+        answer_ids = [
+            ids[: args.max_answer_length - 1] + [tokenizer.eos_token_id]
+            for ids in tokenizer(answer_texts, add_special_tokens=False)["input_ids"]
+        ]
+        prepared = datasets.Dataset.from_dict(
+            {"prompt": dataset["prompt"], "answer_ids": answer_ids, "latents": [row.numpy() for row in per_row_latents]}
+        )
+        return prepared.with_format("torch", columns=["latents"], output_all_columns=True)
+
+    # ------------------------------------------------------------------ loss and metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        if args.stage == "vae":
+            if model.training and args.token_substitution_prob > 0:
+                inputs["sentence_ids"] = self._substitute_tokens(inputs["sentence_ids"], inputs["sentence_mask"])
+            outputs = model(
+                task="vae",
+                **inputs,
+                kl_weight=args.kl_weight,
+                latent_noise_std=args.latent_noise_std if model.training else 0.0,
+            )
+        else:
+            outputs = model(
+                task="reasoner",
+                **inputs,
+                flow_weight=args.flow_weight,
+                answer_weight=args.answer_weight,
+                stop_weight=args.stop_weight,
+                prompt_dropout=args.prompt_dropout if model.training else 0.0,
+            )
+        mode = "train" if model.training else "eval"
+        for name in STAGE_METRICS[args.stage]:
+            self._metrics[mode][name].append(self.accelerator.gather(outputs[name]).mean().item())
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def _substitute_tokens(self, sentence_ids: torch.Tensor, sentence_mask: torch.Tensor) -> torch.Tensor:
+        """Replace a `token_substitution_prob` fraction of the real encoder tokens by random vocabulary tokens."""
+        candidates = self._substitution_token_ids.to(sentence_ids.device)
+        substitute = (torch.rand(sentence_ids.shape, device=sentence_ids.device) < self.args.token_substitution_prob)
+        substitute &= sentence_mask.bool()
+        random_ids = candidates[torch.randint(len(candidates), sentence_ids.shape, device=sentence_ids.device)]
+        return torch.where(substitute, random_ids, sentence_ids)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The model returns losses, not logits: evaluation reports the stage's loss and metrics.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Average the metrics of the logging window, as TRL's trainers do.
+        mode = "train" if self.model.training else "eval"
+        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{name}": value for name, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------ the stage as a whole
+
+    def train(self, *args, **kwargs):
+        start = time.time()
+        output = super().train(*args, **kwargs)
+        if self.args.stage == "vae":
+            self.model.config.latent_scaling_factor = self._measure_latent_scaling_factor()
+            self.log({"latent_scaling_factor": self.model.config.latent_scaling_factor})
+        if self.is_world_process_zero():
+            print(self._stage_summary(time.time() - start))
+        return output
+
+    def _measure_latent_scaling_factor(self) -> float:
+        """`1 / std(mu)` over a seeded sample of the training sentences (the same sample on every process)."""
+        sentence_ids = self.train_dataset["sentence_ids"]
+        generator = torch.Generator().manual_seed(self.args.seed)
+        sample = torch.randperm(len(sentence_ids), generator=generator)[: self.args.scaling_num_sentences].tolist()
+        mu = encode_sentences(
+            self.model, [list(sentence_ids[i]) for i in sample], self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
+        )
+        return 1.0 / mu.std().clamp(min=1e-6).item()
+
+    def _stage_summary(self, seconds: float) -> str:
+        """A few lines for the console: how the stage's metrics moved, and what the model now does on examples."""
+        stage = self.args.stage
+        lines = [f"LaDiR {stage} stage: {self.state.global_step} steps in {seconds:.0f} s."]
+        for name in STAGE_METRICS[stage]:
+            values = [entry[name] for entry in self.state.log_history if name in entry]
+            if values:
+                lines.append(f"  {name}: {values[0]:.4f} (first logged) -> {values[-1]:.4f} (last logged)")
+        model, tokenizer = self.model, self.processing_class
+        was_training = model.training
+        model.eval()
+        if stage == "vae":
+            lines.append(f"  latent_scaling_factor = {model.config.latent_scaling_factor:.4f} (written to the model config)")
+            sentences = [list(ids) for ids in self.train_dataset["sentence_ids"][:NUM_SUMMARY_EXAMPLES]]
+            mu = encode_sentences(model, sentences, tokenizer.pad_token_id, NUM_SUMMARY_EXAMPLES)
+            reconstructions = model.decode_latents_to_text(mu.to(model.device) * model.config.latent_scaling_factor, tokenizer)
+            for ids, reconstruction in zip(sentences, reconstructions):
+                lines.append(f"  sentence {tokenizer.decode(ids)!r} -> latent block -> {reconstruction!r}")
+        else:
+            prompts = self.train_dataset["prompt"][:NUM_SUMMARY_EXAMPLES]
+            samples = model.sample_answers(tokenizer, prompts, temperature=0.0)
+            for row, (prompt, answer) in enumerate(zip(prompts, samples.texts)):
+                num_blocks = int(samples.trace.num_blocks[row])
+                thoughts = model.decode_latents_to_text(samples.latents[row, :num_blocks], tokenizer)
+                question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+                lines.append(f"  prompt {question!r}\n    thoughts (VAE-decoded): {thoughts}\n    answer: {answer!r}")
+        model.train(was_training)
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def encode_sentences(model: LaDiRModel, sentence_ids: list[list[int]], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """The VAE means `mu` ``(N, L, D)`` (raw, unscaled; on the CPU) of tokenized sentences, in batches."""
+    was_training = model.training
+    model.eval()
+    means = []
+    for start in range(0, len(sentence_ids), batch_size):
+        ids, mask = _pad_token_lists(sentence_ids[start : start + batch_size], pad_token_id, "left")
+        mu, _ = model.encode(ids.to(model.device), mask.to(model.device))
+        means.append(mu.float().cpu())
+    model.train(was_training)
+    return torch.cat(means) if means else torch.zeros(0, model.config.latent_tokens_per_block, model.config.latent_dim)
