@@ -12,6 +12,7 @@ sentences, one latent block each.
   on those latents, the answer tokens after them, and the stop head ("another block" or "answer").
 """
 
+import contextlib
 import time
 import warnings
 from collections import defaultdict
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer
+from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from trl_ladi.data import prepare_cot_dataset, split_reasoning_into_sentences
@@ -187,9 +189,10 @@ class LaDiRSFTTrainer(Trainer):
         if args.stage == "vae":
             return datasets.Dataset.from_dict({"sentence_ids": flat_ids})
 
-        block_latents = model.config.latent_scaling_factor * encode_sentences(
-            model, flat_ids, tokenizer.pad_token_id, args.per_device_eval_batch_size
-        )
+        with full_parameters(model):
+            block_latents = model.config.latent_scaling_factor * encode_sentences(
+                model, flat_ids, tokenizer.pad_token_id, args.per_device_eval_batch_size
+            )
         per_row_latents = block_latents.split([len(row) for row in sentences])
         answer_texts = [args.answer_template.format(answer=answer) for answer in dataset["answer"]]
         answer_ids = [
@@ -258,24 +261,28 @@ class LaDiRSFTTrainer(Trainer):
     def train(self, *args, **kwargs):
         start = time.time()
         output = super().train(*args, **kwargs)
+        # The model is called outside its forward below: gather DeepSpeed ZeRO-3 parameters for that (every process).
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+            if self.args.stage == "vae":
+                self.model.config.latent_scaling_factor = self._measure_latent_scaling_factor(model)
+            summary = self._stage_summary(model, time.time() - start)
         if self.args.stage == "vae":
-            self.model.config.latent_scaling_factor = self._measure_latent_scaling_factor()
             self.log({"latent_scaling_factor": self.model.config.latent_scaling_factor})
         if self.is_world_process_zero():
-            print(self._stage_summary(time.time() - start))
+            print(summary)
         return output
 
-    def _measure_latent_scaling_factor(self) -> float:
+    def _measure_latent_scaling_factor(self, model: LaDiRModel) -> float:
         """`1 / std(mu)` over a seeded sample of the training sentences (the same sample on every process)."""
         sentence_ids = self.train_dataset["sentence_ids"]
         generator = torch.Generator().manual_seed(self.args.seed)
         sample = torch.randperm(len(sentence_ids), generator=generator)[: self.args.scaling_num_sentences].tolist()
         mu = encode_sentences(
-            self.model, [list(sentence_ids[i]) for i in sample], self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
+            model, [list(sentence_ids[i]) for i in sample], self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
         )
         return 1.0 / mu.std().clamp(min=1e-6).item()
 
-    def _stage_summary(self, seconds: float) -> str:
+    def _stage_summary(self, model: LaDiRModel, seconds: float) -> str:
         """A few lines for the console: how the stage's metrics moved, and what the model now does on examples."""
         stage = self.args.stage
         lines = [f"LaDiR {stage} stage: {self.state.global_step} steps in {seconds:.0f} s."]
@@ -283,7 +290,7 @@ class LaDiRSFTTrainer(Trainer):
             values = [entry[name] for entry in self.state.log_history if name in entry]
             if values:
                 lines.append(f"  {name}: {values[0]:.4f} (first logged) -> {values[-1]:.4f} (last logged)")
-        model, tokenizer = self.model, self.processing_class
+        tokenizer = self.processing_class
         was_training = model.training
         model.eval()
         if stage == "vae":
@@ -303,6 +310,17 @@ class LaDiRSFTTrainer(Trainer):
                 lines.append(f"  prompt {question!r}\n    thoughts (VAE-decoded): {thoughts}\n    answer: {answer!r}")
         model.train(was_training)
         return "\n".join(lines)
+
+
+def full_parameters(model: torch.nn.Module):
+    """A context in which a model that an earlier DeepSpeed ZeRO-3 run partitioned has its full parameters again
+    (e.g. the VAE stage's model handed to the reasoner stage); a no-op for an ordinary model."""
+    parameters = list(model.parameters())
+    if not any(hasattr(parameter, "ds_id") for parameter in parameters):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
 
 
 @torch.no_grad()
