@@ -233,6 +233,36 @@ def train_bimodal_reasoner(steps=300):
     return model, tokenizer
 
 
+def test_rollout_answer_loss_trains_the_denoiser_through_its_own_latents():
+    """LaDiR's stage 2 (``rollout_denoise_steps > 0``): with only the velocity head trainable, the answer loss on
+    self-generated latents must teach the denoiser which latent each prompt needs ('a' -> cat, 'b' -> dog)."""
+    model, tokenizer = train_bimodal_reasoner()
+    model._init_weights(model.velocity_head)  # a denoiser that knows nothing: its latents are noise
+    model.train_only(list(model.velocity_head.parameters()))
+    optimizer = torch.optim.Adam(list(model.velocity_head.parameters()), lr=1e-1)
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["what is it ? a", "what is it ? b"] * 8)
+    answers = torch.tensor([[tokenizer.convert_tokens_to_ids(word), tokenizer.eos_token_id]
+                            for word in ["cat", "dog"] * 8])
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, latents=torch.zeros(16, 1, 2, 4),
+                  block_mask=torch.ones(16, 1, dtype=torch.bool), answer_ids=answers, answer_mask=torch.ones_like(answers),
+                  prompt_dropout=0.0, flow_weight=0.0, stop_weight=0.0, rollout_denoise_steps=4)
+
+    def answer_loss():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model(task="reasoner", **inputs)["answer_loss"].item()
+
+    before = answer_loss()
+    for _ in range(150):
+        loss = model(task="reasoner", **inputs)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = answer_loss()
+    # measured: 1.66 -> about 1.2 (a denoiser that knows nothing -> one that starts to steer its latents per prompt)
+    assert after < 0.85 * before, (before, after)
+
+
 def fraction_cat(model, tokenizer, seed=1):
     model.eval()
     generator = torch.Generator().manual_seed(seed)

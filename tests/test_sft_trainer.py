@@ -356,3 +356,21 @@ def test_two_process_run(tmp_path):
     result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TWO_PROCESS_OK 6 6" in result.stdout, result.stdout[-2000:]
+
+
+
+def test_rollout_stage_runs_and_logs_its_losses(pipeline, tmp_path):
+    """The plumbing of stage "rollout"; that its answer loss trains the denoiser is tested in test_ladirl_trainer.py."""
+    model, tokenizer = pipeline["model"], pipeline["tokenizer"]
+    rows = {name: values[:16] for name, values in pipeline["rows"].items()}
+    vae_before = snapshot(model.vae_parameters())
+    trainer = LaDiRSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, "rollout", max_steps=2, rollout_denoise_steps=2, learning_rate=1e-4, logging_steps=1),
+        train_dataset=datasets.Dataset.from_dict(rows),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "answer_loss" in entry]
+    assert logged and all(entry["flow_loss"] > 0 and entry["answer_loss"] > 0 for entry in logged)
+    assert unchanged(vae_before, model.vae_parameters())

@@ -90,8 +90,8 @@ def write_model_card(
     Args:
         save_directory: the folder of the saved model.
         model (`LaDiRModel`): the model (its config fills the model section).
-        base_model (`str`, *optional*): the base LM's Hub id or name; defaults to
-            `model.config.base_model_name_or_path` when that is set.
+        base_model (`str`, *optional*): the base LM's Hub id; defaults to `model.config.base_model_name_or_path`
+            unless that is empty or a local folder.
         dataset_name (`str`, *optional*): the training data.
         training_args (`LaDiRLConfig` or `dict`, *optional*): the LaDi-RL settings; a config is shown through the
             fields in `LADIRL_CARD_SETTINGS`, a dict as given.
@@ -103,6 +103,8 @@ def write_model_card(
     """
     config = model.config
     base_model = base_model or getattr(config, "base_model_name_or_path", None)
+    if not base_model or os.path.isdir(base_model):
+        base_model = None  # the card's `base_model` is a Hub id; a local folder means nothing to readers
     repo = hub_model_id or "path/to/this/model"
     card_data = ModelCardData(
         library_name="trl_ladi",

@@ -594,10 +594,15 @@ class LaDiRModel(PreTrainedModel):
         answer_weight: float = 1.0,
         stop_weight: float = 2.0,
         prompt_dropout: float = 0.1,
+        rollout_denoise_steps: int = 0,
     ) -> dict:
-        """LaDiR stage-1 loss on teacher-forced latents (reasoner space): ``flow + answer + stop`` weighted.
+        """LaDiR's reasoner loss, ``flow + answer + stop`` weighted, on the VAE's latents (reasoner space).
 
         Each real block gets one noisy copy at a uniform random ``t`` with the flow-matching target ``eps - z_0``.
+        With ``rollout_denoise_steps > 0`` (LaDiR's stage 2) the answer is read from latents the model generates
+        itself from noise in that many Euler steps, with the gradient kept through the velocities, so the answer
+        loss teaches the denoiser to write latents the decoder can answer from; the flow and stop losses on the
+        VAE's latents stay as an anchor against latent collapse.
         """
         batch, num_blocks = block_mask.shape
         device = latents.device
@@ -613,10 +618,15 @@ class LaDiRModel(PreTrainedModel):
             noisy_latents=noisy_latents.view_as(latents),
             noisy_timesteps=t,
             noisy_block_index=torch.arange(num_blocks, device=device).expand(batch, -1),
-            answer_ids=answer_ids,
+            answer_ids=answer_ids if rollout_denoise_steps == 0 else None,
             answer_mask=answer_mask,
             drop_prompt=drop_prompt,
         )
+        if rollout_denoise_steps > 0:
+            generated = self._rollout_latents(prompt_ids, prompt_mask, block_mask, rollout_denoise_steps)
+            outputs["answer_logits"] = self._packed_forward(
+                prompt_ids, prompt_mask, generated, block_mask, answer_ids=answer_ids, answer_mask=answer_mask
+            )["answer_logits"]
         real_blocks = block_mask.float()
         flow_error = (outputs["velocity"] - velocity_target.view_as(latents)).pow(2).mean(dim=(-1, -2))
         flow_loss = (flow_error * real_blocks).sum() / real_blocks.sum().clamp(min=1)
@@ -634,6 +644,32 @@ class LaDiRModel(PreTrainedModel):
             "answer_loss": answer_loss.detach(),
             "stop_loss": stop_loss.detach(),
         }
+
+    def _rollout_latents(self, prompt_ids, prompt_mask, block_mask, num_denoise_steps: int) -> torch.Tensor:
+        """Blocks ``(B, Bm, L, D)`` denoised from noise one after another by Euler steps, differentiably."""
+        batch, num_blocks = block_mask.shape
+        device = prompt_ids.device
+        shape = (batch, self.config.latent_tokens_per_block, self.config.latent_dim)
+        timesteps = sampling.flow_matching_timesteps(num_denoise_steps, self.config.timestep_shift).to(device)
+        blocks = []
+        for block in range(num_blocks):
+            # blocks from `block` on are invisible to the noisy copy of `block`: zeros stand in for them
+            context = torch.stack(blocks + [torch.zeros(shape, device=device)] * (num_blocks - len(blocks)), dim=1)
+            z = self.config.initial_noise_scale * torch.randn(shape, device=device)
+            for step in range(num_denoise_steps):
+                t, t_next = timesteps[step].expand(batch), timesteps[step + 1].expand(batch)
+                velocity = self._packed_forward(
+                    prompt_ids,
+                    prompt_mask,
+                    context,
+                    block_mask,
+                    noisy_latents=z[:, None],
+                    noisy_timesteps=t[:, None],
+                    noisy_block_index=torch.full((batch, 1), block, device=device),
+                )["velocity"][:, 0]
+                z = sampling.euler_step(z, velocity, t, t_next)
+            blocks.append(z)
+        return torch.stack(blocks, dim=1)
 
     def denoising_log_probs(
         self,

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-STAGES = ("vae", "reasoner")
+STAGES = ("vae", "reasoner", "rollout")
 
 
 @dataclass
@@ -22,6 +22,9 @@ class LaDiRSFTConfig(TrainingArguments):
             `"vae"`: train the β-VAE that turns a reasoning sentence into a block of latent tokens and back.
             `"reasoner"`: train the latent diffusion reasoner (flow matching on the VAE's latents, answer and stop
             heads). Run `"vae"` first.
+            `"rollout"`: LaDiR's second reasoner stage: the answer loss is taken on latents the reasoner generates
+            from noise (`rollout_denoise_steps` Euler steps, gradients through them); flow and stop losses on the
+            VAE's latents stay as an anchor. Run `"reasoner"` first.
 
         > Data
 
@@ -60,6 +63,9 @@ class LaDiRSFTConfig(TrainingArguments):
         prompt_dropout (`float`, defaults to `0.1`):
             Probability of hiding the prompt from a training trace, so the reasoner also learns the unconditional
             velocity that classifier-free guidance needs (LaDiR: 0.1).
+        rollout_denoise_steps (`int`, defaults to `4`):
+            Euler steps per block in the `"rollout"` stage (LaDiR: 10, fewer than at inference). Each is a forward
+            pass with gradients, so the stage costs about `blocks * steps` times a reasoner step.
     """
 
     # Parameters whose defaults differ from TrainingArguments
@@ -127,6 +133,12 @@ class LaDiRSFTConfig(TrainingArguments):
         metadata={"help": "Probability of hiding the prompt from a trace, for classifier-free guidance (LaDiR: 0.1)."},
     )
 
+    rollout_denoise_steps: int = field(
+        default=4,
+        metadata={"help": "Euler steps per block in the 'rollout' stage (LaDiR: 10); each is a forward pass with "
+                  "gradients."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.stage not in STAGES:
@@ -138,7 +150,7 @@ class LaDiRSFTConfig(TrainingArguments):
         for name in ("token_substitution_prob", "prompt_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-        for name in ("max_sentence_length", "scaling_num_sentences"):
+        for name in ("max_sentence_length", "scaling_num_sentences", "rollout_denoise_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_answer_length < 2:

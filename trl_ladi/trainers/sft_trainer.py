@@ -31,6 +31,7 @@ from trl_ladi.trainers.sft_config import LaDiRSFTConfig
 STAGE_METRICS = {
     "vae": ("reconstruction_loss", "kl", "token_accuracy"),
     "reasoner": ("flow_loss", "answer_loss", "stop_loss"),
+    "rollout": ("flow_loss", "answer_loss", "stop_loss"),
 }
 NUM_SUMMARY_EXAMPLES = 2
 
@@ -225,6 +226,7 @@ class LaDiRSFTTrainer(Trainer):
                 answer_weight=args.answer_weight,
                 stop_weight=args.stop_weight,
                 prompt_dropout=args.prompt_dropout if model.training else 0.0,
+                rollout_denoise_steps=args.rollout_denoise_steps if args.stage == "rollout" else 0,
             )
         mode = "train" if model.training else "eval"
         for name in STAGE_METRICS[args.stage]:

@@ -1,0 +1,110 @@
+"""`examples/math.py` end to end: on a tiny Llama (fast), from a saved LaDiR model, and on the real default (slow)."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tiny import make_tokenizer, tiny_llama_config
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TINY_SIZES = [
+    "--num_train_examples", "16", "--num_test_examples", "4", "--latent_dim", "8", "--latent_tokens_per_block", "2",
+    "--lora_rank", "4", "--max_blocks", "3", "--vae_steps", "2", "--reasoner_steps", "2", "--sft_batch_size", "4",
+    "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "4",
+    "--num_decodes_per_latent", "2", "--max_completion_length", "4", "--num_denoise_steps", "2",
+    "--eval_num_samples", "4", "--eval_ks", "1", "2", "4",
+]
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example(name, argv):
+    module = load_example(name)
+    script_args, training_args = module.make_parser().parse_args_and_config(args=argv)
+    return module.main(script_args, training_args)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-base")
+    config = tiny_llama_config(tokenizer)
+    # tiny.WORDS lists "is" twice, so the largest token id ("99") is len(tokenizer): size the embeddings by the ids
+    config.vocab_size = max(tokenizer.get_vocab().values()) + 1
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def check_pass_at_k_file(output_dir, names, ks=(1, 2, 4)):
+    record = json.loads((Path(output_dir) / "pass_at_k.json").read_text())
+    assert list(record["results"]) == names
+    for result in record["results"].values():
+        assert sorted(int(k) for k in result["pass_at_k"]) == list(ks)
+        assert all(0.0 <= value <= 1.0 for value in result["pass_at_k"].values())
+    assert (Path(output_dir) / "pass_at_k.png").stat().st_size > 0
+    return record
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_base, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("math-run")
+    return output_dir, tiny_base
+
+
+def test_math_example_runs_every_stage_on_a_tiny_model(tiny_run, capsys):
+    output_dir, base = tiny_run
+    results = run_example("math", ["--model_name_or_path", base, "--output_dir", str(output_dir), *TINY_SIZES])
+
+    printed = capsys.readouterr().out
+    assert f"LaDiR model (before RL): {output_dir / 'ladir'}" in printed
+    assert f"LaDi-RL model: {output_dir}" in printed
+    assert "pass@1" in printed and "LaDi-RL (after RL)" in printed
+    record = check_pass_at_k_file(output_dir, ["LaDiR (before RL)", "LaDi-RL (after RL)"])
+    assert record["results"] == json.loads(json.dumps(results))
+    assert set(record["timings"]) == {"ladir_stages_s", "eval_before_s", "ladirl_s", "eval_after_s", "total_s"}
+    for model_dir in (output_dir / "ladir", output_dir):
+        assert json.loads((model_dir / "config.json").read_text())["model_type"] == "ladir"
+        assert (model_dir / "tokenizer_config.json").is_file()
+
+
+def test_math_example_starts_rl_from_a_saved_ladir_model(tiny_run, tmp_path, capsys):
+    ladir_dir = tiny_run[0] / "ladir"
+    if not ladir_dir.is_dir():
+        pytest.skip("needs the LaDiR model of test_math_example_runs_every_stage_on_a_tiny_model")
+    run_example("math", ["--ladir_model_path", str(ladir_dir), "--output_dir", str(tmp_path), *TINY_SIZES])
+
+    printed = capsys.readouterr().out
+    assert "LaDiR vae stage" not in printed and not (tmp_path / "ladir").exists()  # the stages were skipped
+    assert f"LaDiR model (before RL): {ladir_dir}" in printed
+    record = check_pass_at_k_file(tmp_path, ["LaDiR (before RL)", "LaDi-RL (after RL)"])
+    assert "ladir_stages_s" not in record["timings"]
+
+
+def test_math_example_names_missing_dataset_columns(tiny_base, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"{i} + 1", "answer": str(i + 1)}) for i in range(40)))
+    with pytest.raises(ValueError, match=r"missing column\(s\) 'prompt'.*rename_column"):
+        run_example("math", ["--model_name_or_path", tiny_base, "--dataset_name", str(data), *TINY_SIZES])
+
+
+@pytest.mark.slow
+def test_math_example_default_model_small_sizes(tmp_path):
+    """The real default (SmolLM2-135M-Instruct, chain_sum) through every stage with small sizes (a few minutes)."""
+    sizes = [
+        "--num_train_examples", "32", "--num_test_examples", "4", "--vae_steps", "3", "--reasoner_steps", "3",
+        "--max_steps", "1", "--eval_num_samples", "4", "--eval_ks", "1", "4",
+    ]
+    run_example("math", ["--output_dir", str(tmp_path), *sizes])
+    check_pass_at_k_file(tmp_path, ["LaDiR (before RL)", "LaDi-RL (after RL)"], ks=(1, 4))

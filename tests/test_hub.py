@@ -1,0 +1,122 @@
+"""Model card and Hub upload, without network: `HfApi.create_repo` / `upload_folder` are replaced by recorders."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tiny import make_tokenizer, tiny_llama_config
+from trl_ladi import LaDiRLConfig, LaDiRModel
+from trl_ladi.hub import CARD_TAGS, push_ladir_model, write_model_card
+
+REPO_ID = "someone/tiny-ladirl"
+METRICS = {"before RL": {"pass@1": 0.25, "pass@8": 0.5}, "after RL": {"pass@1": 0.375, "pass@8": 0.625}}
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    base = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
+    model = LaDiRModel.from_base(
+        base, latent_tokens_per_block=3, latent_dim=8, encoder_lora_rank=4, reasoner_lora_rank=4, max_blocks=2
+    )
+    torch.nn.init.normal_(model.velocity_head.linear.weight, std=0.1)  # not the all-zero initial head
+    return model.eval(), tokenizer
+
+
+@pytest.fixture
+def hub_recorder(monkeypatch, tmp_path):
+    """Replaces the Hub calls; `calls` records them and `folder` keeps a copy of what would have been uploaded."""
+    record = {"calls": [], "folder": tmp_path / "uploaded"}
+
+    def create_repo(self, repo_id, **kwargs):
+        record["calls"].append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        record["calls"].append(("upload_folder", repo_id, kwargs))
+        shutil.copytree(folder_path, record["folder"])
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return record
+
+
+def front_matter(readme: str) -> dict:
+    assert readme.startswith("---\n")
+    return yaml.safe_load(readme.split("---\n")[1])
+
+
+def test_push_uploads_model_tokenizer_and_card(tiny, hub_recorder, tmp_path):
+    model, tokenizer = tiny
+    args = LaDiRLConfig(output_dir=str(tmp_path / "rl"), use_cpu=True, bf16=False, num_decodes_per_latent=3,
+                        learning_rate=0.01, report_to="none")
+    url = push_ladir_model(
+        model, tokenizer, REPO_ID, base_model="tiny-llama", dataset_name="chain_sum", training_args=args,
+        metrics=METRICS, private=True,
+    )
+
+    assert url == f"https://huggingface.co/{REPO_ID}/commit/0"
+    assert [call[:2] for call in hub_recorder["calls"]] == [("create_repo", REPO_ID), ("upload_folder", REPO_ID)]
+    assert hub_recorder["calls"][0][2]["private"] is True and hub_recorder["calls"][0][2]["exist_ok"] is True
+    folder = hub_recorder["folder"]
+    assert sorted(os.listdir(folder)) == [
+        "README.md", "chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "ladir"
+    saved = set(load_file(folder / "model.safetensors"))
+    assert set(model.state_dict()) - saved == {"language_model.lm_head.weight"}  # tied to the input embeddings
+
+    readme = (folder / "README.md").read_text()
+    meta = front_matter(readme)
+    assert meta["library_name"] == "trl_ladi"
+    assert meta["base_model"] == "tiny-llama"
+    assert meta["tags"] == CARD_TAGS
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0"
+    assert "| num_decodes_per_latent | 3 |" in readme
+    assert "| learning_rate | 0.01 |" in readme
+    assert "| metric | before RL | after RL |" in readme
+    assert "| pass@1 | 0.25 | 0.375 |" in readme
+    assert f'LaDiRModel.from_pretrained("{REPO_ID}")' in readme
+
+
+def test_uploaded_folder_loads_with_identical_weights_and_outputs(tiny, hub_recorder):
+    model, tokenizer = tiny
+    push_ladir_model(model, tokenizer, REPO_ID)
+    loaded = LaDiRModel.from_pretrained(hub_recorder["folder"]).eval()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(hub_recorder["folder"])
+
+    expected, actual = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert loaded_tokenizer.pad_token == tokenizer.pad_token and loaded_tokenizer.eos_token == tokenizer.eos_token
+
+    prompts = ["what is 3 plus 4 ?", "the cat sat on"]
+    kwargs = dict(num_latents=2, num_decodes_per_latent=2, max_new_tokens=4, sde_noise_level=0.7)
+    original = model.sample_answers(tokenizer, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    reloaded = loaded.sample_answers(loaded_tokenizer, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(original.latents, reloaded.latents)
+    assert original.texts == reloaded.texts
+
+
+def test_card_from_a_settings_dict_and_flat_metrics(tiny, tmp_path):
+    model, _ = tiny
+    path = write_model_card(
+        tmp_path, model, training_args={"num_generations": 8, "latent_policy_parameters": "velocity_head"},
+        metrics={"pass@1": 0.5}, hub_model_id=REPO_ID,
+    )
+    readme = open(path).read()
+    assert "base_model" not in front_matter(readme)  # a model built from an in-memory LM records no base name
+    assert "| num_generations | 8 |" in readme and "| latent_policy_parameters | velocity_head |" in readme
+    assert "| metric | value |" in readme and "| pass@1 | 0.5 |" in readme
+    assert readme.count("| --- |") == 2  # the settings and the metrics tables, nothing else
