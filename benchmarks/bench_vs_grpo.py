@@ -1,0 +1,424 @@
+"""Cost of one LaDi-RL training step next to one TRL GRPO step: same model, prompts, reward, answers per prompt.
+
+Both trainers run in this one process on the same base model (SmolLM2-135M-Instruct from `default_model_path()` by
+default, fp32, CPU), the same chain_sum prompts (one prompt per step, the same prompt for both at each step) and the
+same reward (`math_accuracy_reward`):
+
+* GRPO (TRL's `GRPOTrainer`): `G` sampled completions of up to `C` tokens per prompt.
+* LaDi-RL (`LaDiRLTrainer`): `N` latent traces x `M` answers per trace (`N * M = G`), answers of up to `C` tokens.
+
+The LaDiR model is a fresh `LaDiRModel.from_base(dir)`: its heads are untrained, which does not change what a step
+costs (the same forwards run whatever the weights). Its stop head is set to always say "another block" so that every
+trace writes exactly `--blocks` latent blocks (an untrained stop head would stop at an arbitrary block; a trained one
+stops on its own, chain_sum's worked solutions have 2-3 steps).
+
+Steps are interleaved (after `--warmup` untimed steps of each): GRPO, LaDi-RL, LaDi-RL, GRPO, ... (ABBA order), so
+that the load of a shared machine falls on both alike. For each step: wall time (rollout + loss + backward +
+optimizer step), answers scored per second, the peak resident memory during that step (sampled every 10 ms), and
+the split rollout-generation / scoring / loss+update (the same wrappers on both trainers; LaDi-RL also logs its own
+`time/denoising`, `time/decoding`, `time/scoring`). Timings are reported, never asserted.
+
+    python benchmarks/bench_vs_grpo.py              # SmolLM2-135M (a few minutes on 2 CPU cores)
+    python benchmarks/bench_vs_grpo.py --tiny       # smoke run on a random 2-layer Llama (seconds)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------ machine and memory
+
+
+def current_rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssMonitor(threading.Thread):
+    """Samples the resident set size every `interval` seconds; `reset()` starts a new peak window."""
+
+    def __init__(self, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = current_rss_bytes()
+        self._stop_event = threading.Event()
+
+    def run(self):
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            time.sleep(self.interval)
+
+    def reset(self) -> int:
+        self.peak = current_rss_bytes()
+        return self.peak
+
+    def read(self) -> int:
+        self.peak = max(self.peak, current_rss_bytes())
+        return self.peak
+
+    def stop(self):
+        self._stop_event.set()
+
+
+def machine_info() -> dict:
+    import transformers
+    import trl
+
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def load_average() -> list:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+# ------------------------------------------------------------------ models
+
+
+def prepare_model_dir(args, workdir: Path) -> tuple[str, str]:
+    """The base model directory and a short name for it."""
+    if args.tiny:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny import make_tokenizer, tiny_llama_config
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = make_tokenizer()
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer, hidden_size=64))
+        path = workdir / "tiny-llama"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return str(path), "tiny-llama"
+    if args.model:
+        return args.model, Path(args.model).name
+    from trl_ladi.default_model import default_model_path
+
+    return default_model_path(), "SmolLM2-135M-Instruct"
+
+
+class Timer:
+    """Wraps a trainer method and adds its wall time to `seconds` (read and cleared per step)."""
+
+    def __init__(self, trainer, name: str):
+        self.seconds = 0.0
+        original = getattr(trainer, name)
+
+        def timed(*positional, **keywords):
+            start = time.perf_counter()
+            try:
+                return original(*positional, **keywords)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        setattr(trainer, name, timed)
+
+    def pop(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def build_trainers(args, model_dir: str, workdir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel
+    from trl_ladi.data import load_math_dataset
+    from trl_ladi.modeling import ANSWER, CONTINUE
+    from trl_ladi.rewards import math_accuracy_reward
+
+    num_steps = args.warmup + args.steps
+    dataset = load_math_dataset("chain_sum", split="train", num_examples=max(32, num_steps), seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    common = dict(
+        use_cpu=True,
+        bf16=False,
+        max_completion_length=args.max_completion_length,
+        temperature=1.0,
+        max_steps=num_steps,
+        learning_rate=1e-6,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=args.seed,
+        beta=0.0,
+        dataloader_num_workers=0,
+    )
+
+    torch.manual_seed(args.seed)
+    grpo_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    grpo_args = GRPOConfig(
+        output_dir=str(workdir / "grpo"),
+        per_device_train_batch_size=args.num_generations,
+        num_generations=args.num_generations,
+        gradient_checkpointing=args.grpo_gradient_checkpointing,
+        **common,
+    )
+    grpo = GRPOTrainer(
+        model=grpo_model, reward_funcs=math_accuracy_reward, args=grpo_args, train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+    torch.manual_seed(args.seed)
+    ladir_kwargs = dict(latent_dim=16) if args.tiny else {}
+    ladir = LaDiRModel.from_base(model_dir, max_blocks=args.blocks, num_denoise_steps=args.denoise_steps, **ladir_kwargs)
+    with torch.no_grad():  # always "another block": every trace writes exactly `blocks` blocks
+        ladir.stop_head.weight.zero_()
+        ladir.stop_head.bias[CONTINUE], ladir.stop_head.bias[ANSWER] = 1.0, -1.0
+    ladirl_args = LaDiRLConfig(
+        output_dir=str(workdir / "ladirl"),
+        per_device_train_batch_size=args.num_latents,
+        num_generations=args.num_latents,
+        num_decodes_per_latent=args.num_decodes_per_latent,
+        num_denoise_steps=args.denoise_steps,
+        max_latent_blocks=args.blocks,
+        sde_noise_level=0.7,
+        gradient_checkpointing=False,
+        **common,
+    )
+    ladirl = LaDiRLTrainer(
+        model=ladir, reward_funcs=math_accuracy_reward, args=ladirl_args, train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    return grpo, ladirl
+
+
+class Runner:
+    """Drives one trainer step by step (the body of `Trainer.train`'s inner loop, without its bookkeeping)."""
+
+    def __init__(self, name: str, trainer, answers_per_step: int, monitor: RssMonitor):
+        self.name, self.trainer, self.answers_per_step, self.monitor = name, trainer, answers_per_step, monitor
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
+        self.batches = iter(trainer.get_train_dataloader())
+        self.rollout = Timer(trainer, "_generate_and_score_completions")
+        self.scoring = Timer(trainer, "_calculate_rewards")
+        self.records = []
+        self.trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+    def step(self, timed: bool):
+        trainer = self.trainer
+        batch = next(self.batches)
+        trainer.model.train()
+        trainer._metrics["train"].clear()
+        self.rollout.pop(), self.scoring.pop()
+        rss_before = self.monitor.reset()
+        start = time.perf_counter()
+        trainer.training_step(trainer.model, batch, None)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        wall = time.perf_counter() - start
+        rss_peak = self.monitor.read()
+        rollout, scoring = self.rollout.pop(), self.scoring.pop()
+        metrics = {key: values[-1] for key, values in trainer._metrics["train"].items() if values}
+        record = {
+            "timed": timed,
+            "prompt": batch[0]["prompt"][-1]["content"].split("\n")[0] if isinstance(batch[0]["prompt"], list) else batch[0]["prompt"],
+            "wall_seconds": wall,
+            "answers_per_second": self.answers_per_step / wall,
+            "generation_seconds": rollout - scoring,  # rollout minus scoring: sampling and bookkeeping
+            "scoring_seconds": scoring,
+            "loss_and_update_seconds": wall - rollout,  # loss forward, backward, optimizer step
+            "rss_before_bytes": rss_before,
+            "rss_peak_bytes": rss_peak,
+            "mean_answer_tokens": metrics.get("completions/mean_length"),
+            "reward": metrics.get("reward"),
+        }
+        for key in ("time/denoising", "time/decoding", "time/scoring", "latent_blocks/mean"):
+            if key in metrics:
+                record[key] = metrics[key]
+        self.records.append(record)
+        print(f"  {self.name:8s} {'timed ' if timed else 'warmup'} step: {wall:7.2f} s, "
+              f"peak RSS {rss_peak / 2**30:.2f} GiB, mean answer {record['mean_answer_tokens']} tokens", flush=True)
+
+
+def summarize(records: list) -> dict:
+    timed = [r for r in records if r["timed"]]
+
+    def stat(key):
+        values = [r[key] for r in timed if r.get(key) is not None]
+        if not values:
+            return None
+        return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values),
+                "max": max(values)}
+
+    keys = ["wall_seconds", "answers_per_second", "generation_seconds", "scoring_seconds",
+            "loss_and_update_seconds", "rss_peak_bytes", "mean_answer_tokens", "time/denoising", "time/decoding",
+            "time/scoring", "latent_blocks/mean"]
+    summary = {key: stat(key) for key in keys}
+    summary["rss_peak_bytes_max"] = max(r["rss_peak_bytes"] for r in records)
+    summary["rss_growth_bytes_max"] = max(r["rss_peak_bytes"] - r["rss_before_bytes"] for r in timed)
+    return {key: value for key, value in summary.items() if value is not None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--tiny", action="store_true", help="quick smoke run on a random tiny Llama")
+    parser.add_argument("--num_generations", type=int, default=8, help="GRPO: completions G per prompt")
+    parser.add_argument("--num_latents", type=int, default=4, help="LaDi-RL: latent traces N per prompt")
+    parser.add_argument("--num_decodes_per_latent", type=int, default=2, help="LaDi-RL: answers M per latent")
+    parser.add_argument("--max_completion_length", type=int, default=64, help="C, for both")
+    parser.add_argument("--blocks", type=int, default=3, help="LaDi-RL: latent blocks per trace")
+    parser.add_argument("--denoise_steps", type=int, default=10, help="LaDi-RL: denoising steps K per block")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each trainer first")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps of each trainer")
+    parser.add_argument("--grpo_gradient_checkpointing", action="store_true",
+                        help="GRPO with gradient checkpointing (TRL's default; off here by default, as for LaDi-RL)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/vs_grpo_<model>.json)")
+    args = parser.parse_args()
+    if args.num_latents * args.num_decodes_per_latent != args.num_generations:
+        parser.error("choose N * M = G so that both trainers score the same number of answers per prompt")
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    started = datetime.datetime.now().astimezone()
+    load_start = load_average()
+    print(f"load average at start: {load_start}", flush=True)
+    monitor = RssMonitor()
+    monitor.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model_dir, model_name = prepare_model_dir(args, workdir)
+        rss_empty = current_rss_bytes()
+        grpo, ladirl = build_trainers(args, model_dir, workdir)
+        rss_loaded = current_rss_bytes()
+        runners = [Runner("GRPO", grpo, args.num_generations, monitor),
+                   Runner("LaDi-RL", ladirl, args.num_latents * args.num_decodes_per_latent, monitor)]
+        for _ in range(args.warmup):
+            for runner in runners:
+                runner.step(timed=False)
+        for index in range(args.steps):
+            order = runners if index % 2 == 0 else runners[::-1]  # ABBA: neither always goes first
+            for runner in order:
+                runner.step(timed=True)
+    monitor.stop()
+    load_end = load_average()
+    print(f"load average at end: {load_end}", flush=True)
+
+    grpo_runner, ladirl_runner = runners
+    summaries = {"grpo": summarize(grpo_runner.records), "ladirl": summarize(ladirl_runner.records)}
+    ratios = {}
+    for key in ("wall_seconds", "answers_per_second", "generation_seconds", "loss_and_update_seconds",
+                "rss_peak_bytes", "mean_answer_tokens"):
+        if key in summaries["grpo"] and key in summaries["ladirl"] and summaries["grpo"][key]["mean"]:
+            ratios[key] = summaries["ladirl"][key]["mean"] / summaries["grpo"][key]["mean"]
+    ratios["seconds_per_answer"] = 1 / ratios["answers_per_second"]
+    ratios["rss_growth_bytes_max"] = summaries["ladirl"]["rss_growth_bytes_max"] / summaries["grpo"]["rss_growth_bytes_max"]
+
+    result = {
+        "benchmark": "bench_vs_grpo",
+        "date": started.isoformat(timespec="seconds"),
+        "model": model_name,
+        "model_dir": model_dir,
+        "settings": {
+            **{key: value for key, value in vars(args).items() if key != "output"},
+            "answers_per_prompt": args.num_generations,
+            "prompts_per_step": 1,
+            "dataset": "chain_sum (trl_ladi.data.load_math_dataset), conversational",
+            "reward": "trl_ladi.rewards.math_accuracy_reward",
+            "dtype": "float32",
+            "device": "cpu",
+            "beta": 0.0,
+            "grpo_gradient_checkpointing": args.grpo_gradient_checkpointing,
+            "ladirl": {
+                "trained_parameters": "velocity head only (LaDiRLConfig.latent_policy_parameters='velocity_head', default)",
+                "train_timestep_fraction": 1.0,
+                "sde_noise_level": 0.7,
+                "stop_head": "forced to continue: every trace has exactly `blocks` latent blocks",
+                "weights": "fresh LaDiRModel.from_base (untrained heads; the cost of a step does not depend on them)",
+            },
+            "trainable_parameters": {"grpo": grpo_runner.trainable, "ladirl": ladirl_runner.trainable},
+            "order": "warmup steps of each, then timed steps interleaved ABBA",
+        },
+        "machine": machine_info(),
+        "load_average_start": load_start,
+        "load_average_end": load_end,
+        "rss_bytes": {"before_models": rss_empty, "both_trainers_built": rss_loaded,
+                      "process_high_water_mark": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "summary": summaries,
+        "ratio_ladirl_over_grpo": ratios,
+        "steps": {"grpo": grpo_runner.records, "ladirl": ladirl_runner.records},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    output = Path(args.output) if args.output else RESULTS / f"vs_grpo_{'tiny' if args.tiny else model_name}.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
+
+    g, l = summaries["grpo"], summaries["ladirl"]
+    gib = 2**30
+    rows = [
+        ("step wall time (s)", g["wall_seconds"]["mean"], l["wall_seconds"]["mean"], ratios["wall_seconds"]),
+        ("answers scored / s", g["answers_per_second"]["mean"], l["answers_per_second"]["mean"],
+         ratios["answers_per_second"]),
+        ("  generation (s)", g["generation_seconds"]["mean"], l["generation_seconds"]["mean"],
+         ratios["generation_seconds"]),
+        ("  scoring (s)", g["scoring_seconds"]["mean"], l["scoring_seconds"]["mean"], None),
+        ("  loss + update (s)", g["loss_and_update_seconds"]["mean"], l["loss_and_update_seconds"]["mean"],
+         ratios["loss_and_update_seconds"]),
+        ("peak RSS in step (GiB)", g["rss_peak_bytes"]["mean"] / gib, l["rss_peak_bytes"]["mean"] / gib,
+         ratios["rss_peak_bytes"]),
+        ("RSS growth in step (GiB)", g["rss_growth_bytes_max"] / gib, l["rss_growth_bytes_max"] / gib,
+         ratios["rss_growth_bytes_max"]),
+        ("mean answer length (tok)", g["mean_answer_tokens"]["mean"], l["mean_answer_tokens"]["mean"],
+         ratios["mean_answer_tokens"]),
+    ]
+    print(f"\n{model_name}: G={args.num_generations} vs N={args.num_latents} x M={args.num_decodes_per_latent}, "
+          f"C={args.max_completion_length}, {args.blocks} blocks x K={args.denoise_steps}, "
+          f"{args.steps} timed steps each (means)")
+    print(f"{'':26s} {'GRPO':>10s} {'LaDi-RL':>10s} {'LaDi/GRPO':>10s}")
+    for name, grpo_value, ladirl_value, ratio in rows:
+        ratio_text = f"{ratio:10.2f}" if ratio is not None else f"{'':10s}"
+        print(f"{name:26s} {grpo_value:10.3f} {ladirl_value:10.3f} {ratio_text}")
+    print(f"LaDi-RL logged split (s): denoising {l['time/denoising']['mean']:.3f}, decoding "
+          f"{l['time/decoding']['mean']:.3f}, scoring {l['time/scoring']['mean']:.3f}")
+    print(f"load average: start {load_start}, end {load_end}; written {output}")
+
+
+if __name__ == "__main__":
+    main()
