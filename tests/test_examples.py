@@ -3,10 +3,12 @@
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM
 
 from tiny import make_tokenizer, tiny_llama_config
@@ -90,6 +92,29 @@ def test_math_example_starts_rl_from_a_saved_ladir_model(tiny_run, tmp_path, cap
     assert f"LaDiR model (before RL): {ladir_dir}" in printed
     record = check_pass_at_k_file(tmp_path, ["LaDiR (before RL)", "LaDi-RL (after RL)"])
     assert "ladir_stages_s" not in record["timings"]
+
+
+def test_math_example_pushes_model_tokenizer_and_card(tiny_run, tmp_path, monkeypatch):
+    ladir_dir = tiny_run[0] / "ladir"
+    if not ladir_dir.is_dir():
+        pytest.skip("needs the LaDiR model of test_math_example_runs_every_stage_on_a_tiny_model")
+    uploaded = tmp_path / "uploaded"
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(
+        HfApi, "upload_folder", lambda self, *, repo_id, folder_path, **kwargs: shutil.copytree(folder_path, uploaded)
+    )
+    output_dir = tmp_path / "run"
+    run_example("math", [
+        "--ladir_model_path", str(ladir_dir), "--output_dir", str(output_dir), "--push_to_hub",
+        "--hub_model_id", "someone/tiny-ladirl", *TINY_SIZES,
+    ])
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(uploaded))
+    readme = (uploaded / "README.md").read_text()
+    pass_at_1 = json.loads((output_dir / "pass_at_k.json").read_text())["results"]["LaDi-RL (after RL)"]["pass_at_k"]["1"]
+    assert "| metric | LaDiR (before RL) | LaDi-RL (after RL) |" in readme
+    assert "| pass@1 |" in readme and f"{pass_at_1:.4g} |" in readme
+    assert "| max_steps | 2 |" in readme and 'LaDiRModel.from_pretrained("someone/tiny-ladirl")' in readme
 
 
 def test_math_example_names_missing_dataset_columns(tiny_base, tmp_path):

@@ -16,7 +16,8 @@ CHAT_TEMPLATE = (
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a small vocabulary plus the digits 0-99, with pad/eos/bos and a chat template."""
     special = ["<pad>", "<eos>", "<bos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    vocab = {token: i for i, token in enumerate(special + WORDS + [str(n) for n in range(100)])}
+    tokens = list(dict.fromkeys(special + WORDS + [str(n) for n in range(100)]))  # unique, in order
+    vocab = {token: i for i, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(

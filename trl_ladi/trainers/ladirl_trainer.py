@@ -26,6 +26,7 @@ from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import nanstd, pad
 
+from trl_ladi.hub import write_model_card
 from trl_ladi.modeling import LaDiRModel, tokenize_prompts
 from trl_ladi.trainers.ladirl_config import LaDiRLConfig
 
@@ -161,6 +162,18 @@ class LaDiRLTrainer(GRPOTrainer):
         ]
         self.optimizer = optimizer_class([group for group in groups if group["params"]], **optimizer_kwargs)
         return self.optimizer
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """The LaDi-RL model card (`trl_ladi.hub.write_model_card`) instead of TRL's generic one."""
+        if not self.is_world_process_zero():
+            return
+        write_model_card(
+            self.args.output_dir,
+            self.accelerator.unwrap_model(self.model),
+            dataset_name=dataset_name,
+            training_args=self.args,
+            hub_model_id=self.hub_model_id,
+        )
 
     # ------------------------------------------------------------------ rollout
 

