@@ -520,3 +520,15 @@ def test_tokenizer_without_pad_token_says_how_to_fix_it():
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match=r"pad token.*tokenizer\.pad_token = tokenizer\.eos_token"):
         tokenize_prompts(tokenizer, ["what is 3 plus 4 ?"])
+
+
+def test_auto_classes_load_a_saved_ladir_folder(tokenizer, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    model = build(tokenizer)
+    model.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is LaDiRConfig
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is LaDiRModel
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name

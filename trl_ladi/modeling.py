@@ -31,7 +31,15 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from trl_ladi import sampling
 
@@ -1012,3 +1020,8 @@ def check_tokenizer(tokenizer):
         raise ValueError(
             "The tokenizer has no pad token. Set one before training, e.g. `tokenizer.pad_token = tokenizer.eos_token`."
         )
+
+
+# `AutoConfig` / `AutoModel` (and `AutoTokenizer`, which reads config.json) know a saved LaDiR folder.
+AutoConfig.register(LaDiRConfig.model_type, LaDiRConfig)
+AutoModel.register(LaDiRConfig, LaDiRModel)
