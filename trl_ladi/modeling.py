@@ -868,12 +868,9 @@ class LaDiRModel(PreTrainedModel):
                     plain_mean = sampling.sde_step_mean(z, velocity, t, t_next, sde_noise_level, config.sde_max_t)[0]
                     guidance = guidance + (guided_mean - plain_mean)
                 guidance = guidance + sampling.diversity_guidance(z, latent_group_size, t, t_next, diversity_guidance_scale)
-                if sde_noise_level > 0:
-                    step_output = sampling.sde_step(
-                        z, velocity, t, t_next, sde_noise_level, config.sde_max_t, guidance=guidance, generator=generator
-                    )
-                else:
-                    step_output = sampling.sde_step(z, velocity, t, t_next, 0.0, guidance=guidance)
+                step_output = sampling.sde_step(  # sde_noise_level = 0 is the deterministic Euler step
+                    z, velocity, t, t_next, sde_noise_level, config.sde_max_t, guidance=guidance, generator=generator
+                )
                 z = step_output.sample
                 latents_per_step.append(z)
                 means.append(step_output.mean)
