@@ -296,14 +296,16 @@ def _uncached_tokens(rows, prompt_length, blocks, num_decodes, new_tokens, cfg=1
     return total
 
 
+@pytest.mark.statistical
 @torch.no_grad()
-def test_num_lm_tokens_shows_the_cache_and_the_shared_prefill(tokenizer):
-    model = build(tokenizer, seed=17)
+def test_num_lm_tokens_shows_the_cache_and_the_shared_prefill(tokenizer, statistical_seed, margin):
+    model = build(tokenizer, seed=17 + statistical_seed)
     prompt_ids, prompt_mask = prompts(tokenizer)
     rows, prompt_length, new_tokens = 2 * 3, prompt_ids.shape[1], 6
     counts = {}
     for cfg_scale, decodes in ((1.0, 1), (1.0, 4), (2.0, 4)):
-        out = sample(model, prompt_ids, prompt_mask, seed=18, cfg_scale=cfg_scale, num_decodes_per_latent=decodes,
+        out = sample(model, prompt_ids, prompt_mask, seed=18 + statistical_seed, cfg_scale=cfg_scale,
+                     num_decodes_per_latent=decodes,
                      max_new_tokens=new_tokens, eos_token_ids=None)  # no eos: every answer has new_tokens tokens
         blocks = out.trace.step_latents.shape[1]
         assert len(out.completion_ids) == rows * decodes
@@ -320,18 +322,36 @@ def test_num_lm_tokens_shows_the_cache_and_the_shared_prefill(tokenizer):
     assert blocks_one == blocks_four
     assert four.trace.num_lm_tokens - one.trace.num_lm_tokens == rows * 3 * new_tokens
     torch.testing.assert_close(four.trace.step_latents, one.trace.step_latents)
-    # the M answers of latent r are rows r*M .. r*M + M - 1 and are drawn independently
-    assert len({tuple(ids) for ids in four.completion_ids}) > rows
+    # the M answers of latent r are rows r*M .. r*M + M - 1 and are drawn independently: 24 answers of 6 tokens from a
+    # random model are (nearly) all distinct, far more than the 6 that copies of one answer per latent would give
+    # smallest margin over seeds 0-4 x 1-2 threads (AMD EPYC): 18 (always 24 distinct)
+    margin.check("distinct answers of 6 latents x 4 decodes", len({tuple(ids) for ids in four.completion_ids}), rows,
+                 ">")
 
 
 @torch.no_grad()
 def test_stop_head_ends_rows_at_different_blocks(tokenizer):
+    """The stop decision is taken per row, from the row's own latents.
+
+    A random stop head's logit gap between "answer" and "continue" varies between rows by less than its offset
+    (measured: 1-2 vs 3-15), so whether rows differ would depend on the seed. The test controls it instead: it reads
+    the gaps after the first block and centres the stop bias between the 8th and 9th of the 16 rows; the same noise
+    then gives the same first blocks, and exactly the 8 rows above the middle answer after one block."""
     model = build(tokenizer, seed=19)
-    with torch.no_grad():
-        model.stop_head.bias.copy_(torch.tensor([0.0, 0.0]))
     prompt_ids, prompt_mask = prompts(tokenizer)
+    gaps = []
+    hook = model.stop_head.register_forward_hook(lambda module, args, logits: gaps.append(logits[:, 1] - logits[:, 0]))
+    try:
+        sample(model, prompt_ids, prompt_mask, num_latents=8, seed=20)
+    finally:
+        hook.remove()
+    first_block = gaps[0] - model.stop_head.bias[1] + model.stop_head.bias[0]  # the gap without the bias
+    middle = first_block.sort().values[7:9].mean()
+    model.stop_head.bias.copy_(torch.tensor([middle / 2, -middle / 2]))  # the gap is now first_block - middle
     trace = sample(model, prompt_ids, prompt_mask, num_latents=8, seed=20).trace
     assert trace.num_blocks.min() >= 1 and trace.num_blocks.max() <= MAX_BLOCKS
+    assert torch.equal(trace.num_blocks == 1, first_block > middle), (trace.num_blocks, first_block)
+    assert (trace.num_blocks == 1).sum() == 8 and (trace.num_blocks > 1).sum() == 8
     torch.testing.assert_close(trace.block_mask.sum(1), trace.num_blocks)
     # block_mask is a prefix of ones per row
     assert torch.equal(trace.block_mask, torch.arange(trace.block_mask.shape[1])[None] < trace.num_blocks[:, None])
@@ -387,11 +407,12 @@ def _evaluate(model, task, inputs, seed=0):
         return model(task=task, **inputs)
 
 
-def test_vae_training_lowers_reconstruction_loss(tokenizer):
+@pytest.mark.statistical
+def test_vae_training_lowers_reconstruction_loss(tokenizer, statistical_seed, margin):
     batch = _sentence_batch(tokenizer)
     # the VAE decoder is the frozen base LM, so it needs a base that knows some language: a few LM steps on the
     # sentences stand in for pre-training (a randomly initialised tiny LM can not be steered by a prefix at all)
-    torch.manual_seed(23)
+    torch.manual_seed(23 + statistical_seed)
     base = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
     optimizer = torch.optim.Adam(base.parameters(), lr=1e-2)
     labels = batch["target_ids"].masked_fill(batch["target_mask"] == 0, -100)
@@ -403,7 +424,7 @@ def test_vae_training_lowers_reconstruction_loss(tokenizer):
     model = LaDiRModel.from_base(base, latent_tokens_per_block=L, latent_dim=D, encoder_lora_rank=4, reasoner_lora_rank=4)
     frozen_base = {n: p.detach().clone() for n, p in model.language_model.named_parameters() if "lora_" not in n}
     model.train_only(model.vae_parameters())
-    before = _evaluate(model, "vae", batch)
+    before = _evaluate(model, "vae", batch, seed=statistical_seed)
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for _ in range(40):
@@ -411,18 +432,23 @@ def test_vae_training_lowers_reconstruction_loss(tokenizer):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = _evaluate(model.eval(), "vae", batch)
-    assert after["reconstruction_loss"] < 0.5 * before["reconstruction_loss"], (before, after)
-    assert after["token_accuracy"] > before["token_accuracy"] + 0.05, (before, after)
+    after = _evaluate(model.eval(), "vae", batch, seed=statistical_seed)
+    # smallest margins over seeds 0-4 x 1-2 threads (AMD EPYC):
+    #   loss ratio 0.093 below 0.5, accuracy rise 0.017 above 0.05
+    margin.check("reconstruction loss after / before", after["reconstruction_loss"] / before["reconstruction_loss"],
+                 0.5, "<", context=(before, after))
+    margin.check("token accuracy rise", after["token_accuracy"] - before["token_accuracy"], 0.05, ">",
+                 context=(before, after))
     # only the VAE's parameters moved
     for name, parameter in model.language_model.named_parameters():
         if "lora_" not in name:
             assert torch.equal(parameter, frozen_base[name]), name
 
 
-def test_reasoner_training_lowers_flow_loss(tokenizer):
-    model = build(tokenizer, seed=24, randomize=False)
-    generator = torch.Generator().manual_seed(25)
+@pytest.mark.statistical
+def test_reasoner_training_lowers_flow_loss(tokenizer, statistical_seed, margin):
+    model = build(tokenizer, seed=24 + statistical_seed, randomize=False)
+    generator = torch.Generator().manual_seed(25 + statistical_seed)
     prompt_ids, prompt_mask = prompts(tokenizer)
     answer_ids = torch.tensor(tokenizer(["the answer is 7", "so we get 12"], add_special_tokens=False)["input_ids"])
     batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
@@ -431,9 +457,10 @@ def test_reasoner_training_lowers_flow_loss(tokenizer):
                  answer_ids=answer_ids, answer_mask=torch.ones_like(answer_ids))
     model.train_only(model.reasoner_parameters())
     def flow_loss():  # averaged over a few draws of (t, noise), the same draws before and after
-        return torch.stack([_evaluate(model, "reasoner", batch, seed)["flow_loss"] for seed in range(4)]).mean()
+        seeds = range(statistical_seed, statistical_seed + 4)
+        return torch.stack([_evaluate(model, "reasoner", batch, seed)["flow_loss"] for seed in seeds]).mean()
 
-    before, before_flow = _evaluate(model, "reasoner", batch), flow_loss()
+    before, before_flow = _evaluate(model, "reasoner", batch, statistical_seed), flow_loss()
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(40):
@@ -441,10 +468,14 @@ def test_reasoner_training_lowers_flow_loss(tokenizer):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after, after_flow = _evaluate(model.eval(), "reasoner", batch), flow_loss()
-    assert after_flow < 0.7 * before_flow, (before_flow, after_flow)
-    assert after["answer_loss"] < before["answer_loss"], (before, after)
-    assert after["stop_loss"] < before["stop_loss"], (before, after)
+    after, after_flow = _evaluate(model.eval(), "reasoner", batch, statistical_seed), flow_loss()
+    # smallest margins over seeds 0-4 x 1-2 threads (AMD EPYC):
+    #   flow 0.11 below 0.7, answer 0.032 below 1, stop 0.95 below 1
+    margin.check("flow loss after / before", after_flow / before_flow, 0.7, "<", context=(before_flow, after_flow))
+    margin.check("answer loss after / before", after["answer_loss"] / before["answer_loss"], 1.0, "<",
+                 context=(before, after))
+    margin.check("stop loss after / before", after["stop_loss"] / before["stop_loss"], 1.0, "<",
+                 context=(before, after))
 
 
 # ------------------------------------------------------------------ adapters
