@@ -1,8 +1,8 @@
-"""What the key/value cache saves when denoising latent blocks: `LaDiRModel.sample` against an uncached reference.
+"""What the key/value cache saves when denoising latent blocks: `LaDiRPipeline.sample` against an uncached reference.
 
-* cached (`LaDiRModel.sample`): the prompt is prefilled once; each denoising step feeds only the `L + 2` positions
-  of the noisy block against the cache (cut back afterwards); a finished block is appended once (`L + 3`
-  positions) and its `<eot>` gives the stop decision.
+* cached (`LaDiRPipeline.sample`, over the model's cached step methods): the prompt is prefilled once; each
+  denoising step feeds only the `L + 2` positions of the noisy block against the cache (cut back afterwards); a
+  finished block is appended once (`L + 3` positions) and its `<eot>` gives the stop decision.
 * uncached reference (here): every denoising step runs `model._packed_forward` over the prompt + the finished
   blocks + the noisy block, i.e. recomputes the whole prefix each step. The stop decision of block `b` comes from
   the first forward of block `b + 1` (its clean blocks are in that forward), and one last forward gives the last
@@ -98,7 +98,7 @@ def uncached_denoise(model, prompt_ids, prompt_mask, num_steps, num_blocks, gene
     config = model.config
     rows, prompt_length = prompt_ids.shape
     num_latent_tokens, latent_dim = config.latent_tokens_per_block, config.latent_dim
-    block_width = num_latent_tokens + 3
+    layout = model.block_layout
     timesteps = sampling.flow_matching_timesteps(num_steps, config.timestep_shift)
     clean, stop_logits, fed = [], None, 0
     start = time.perf_counter()
@@ -116,13 +116,13 @@ def uncached_denoise(model, prompt_ids, prompt_mask, num_steps, num_blocks, gene
                 noisy_latents=z[:, None], noisy_timesteps=t[:, None],
                 noisy_block_index=torch.full((rows, 1), block, dtype=torch.long),
             )
-            fed += rows * (prompt_length + latents.shape[1] * block_width + block_width - 1)
+            fed += rows * (prompt_length + latents.shape[1] * layout.width + layout.noisy_width)
             if step == 0 and block > 0:
                 stop_logits = outputs["stop_logits"][:, -1]  # the previous block's decision
             z = sampling.sde_step(z, outputs["velocity"][:, 0], t, t_next, 0.0).sample
         clean.append(z)
     outputs = model._packed_forward(prompt_ids, prompt_mask, torch.stack(clean, 1), torch.ones(rows, num_blocks, dtype=torch.bool))
-    fed += rows * (prompt_length + num_blocks * block_width)
+    fed += rows * (prompt_length + num_blocks * layout.width)
     stop_logits = outputs["stop_logits"][:, -1]
     seconds = time.perf_counter() - start
     return torch.stack(clean, 1), fed, seconds, stop_logits
@@ -130,8 +130,10 @@ def uncached_denoise(model, prompt_ids, prompt_mask, num_steps, num_blocks, gene
 
 @torch.no_grad()
 def cached_denoise(model, prompt_ids, prompt_mask, num_steps, num_blocks, seed, eos_token_id, pad_token_id):
+    from trl_ladi import LaDiRPipeline
+
     generator = torch.Generator().manual_seed(seed)
-    samples = model.sample(
+    samples = LaDiRPipeline(model).sample(
         prompt_ids, prompt_mask, num_latents=1, num_denoise_steps=num_steps, sde_noise_level=0.0,
         max_blocks=num_blocks, num_decodes_per_latent=1, max_new_tokens=1, eos_token_ids=[eos_token_id],
         pad_token_id=pad_token_id, generator=generator,
@@ -186,9 +188,9 @@ def main():
     latent_scale = uncached_latents.abs().max().item()
     cached_seconds = sum(runs["cached"]) / len(runs["cached"])
     uncached_seconds = runs["uncached"][0]
-    block_width = config.latent_tokens_per_block + 3
+    layout = model.block_layout
     expected_cached = args.batch * (
-        args.prompt_tokens + args.blocks * (args.denoise_steps * (block_width - 1) + block_width))
+        args.prompt_tokens + args.blocks * (args.denoise_steps * layout.noisy_width + layout.width))
     result = {
         "benchmark": "bench_denoise_cache",
         "date": started.isoformat(timespec="seconds"),

@@ -34,6 +34,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -47,14 +48,15 @@ from trl import TrlParser
 from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel, LaDiRSFTConfig, LaDiRSFTTrainer
 from trl_ladi.data import MATH_TASKS, load_math_dataset, load_user_dataset, prepare_cot_dataset
 from trl_ladi.default_model import default_model_path
-from trl_ladi.evaluation import evaluate_pass_at_k, ladir_generate_fn, plot_pass_at_k
+from trl_ladi.evaluation import evaluate_pass_at_k, format_pass_at_k_table, ladir_generate_fn, plot_pass_at_k
 from trl_ladi.hub import LADIRL_CARD_SETTINGS, push_ladir_model
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
 
-DEFAULT_BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what default_model_path() converts
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# DeepSpeed (imported by the trainers when installed) logs that it found no GPU and uses the CPU: true, and harmless.
+logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 
 @dataclass
@@ -245,16 +247,6 @@ def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args
     )
 
 
-def format_table(results: dict[str, dict]) -> str:
-    ks = sorted({int(k) for result in results.values() for k in result["pass_at_k"]})
-    width = max(len(name) for name in results)
-    lines = [f"{'model':<{width}}  " + "  ".join(f"{f'pass@{k}':>8}" for k in ks)]
-    for name, result in results.items():
-        cells = [result["pass_at_k"].get(k) for k in ks]
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{'-':>8}" if v is None else f"{100 * v:>7.1f}%" for v in cells))
-    return "\n".join(lines)
-
-
 def run(script_args, training_args, train_dataset, test_dataset, reward_func, answer_fn=None, task="math"):
     """Stages 1-5 (see the module docstring) on prepared data. Returns the pass@k results (main process)."""
     state = PartialState()
@@ -316,7 +308,6 @@ def run(script_args, training_args, train_dataset, test_dataset, reward_func, an
             model,
             tokenizer,
             training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir)),
-            base_model=script_args.model_name_or_path or (None if script_args.ladir_model_path else DEFAULT_BASE_MODEL_ID),
             dataset_name=script_args.dataset_name,
             training_args=training_args,
             metrics=metrics,
@@ -328,7 +319,7 @@ def run(script_args, training_args, train_dataset, test_dataset, reward_func, an
     print(f"LaDi-RL model: {training_args.output_dir}")
     print("Times (s): " + ", ".join(f"{name[:-2]} {seconds:.0f}" for name, seconds in timings.items()))
     print(f"pass@k on {len(test_dataset)} held-out problems, {script_args.eval_num_samples} samples each:")
-    print(format_table(results))
+    print(format_pass_at_k_table(results))
     print(f"Wrote {json_path} and {png_path}")
     return results
 

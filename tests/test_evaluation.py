@@ -117,13 +117,15 @@ def test_evaluate_pass_at_k_bad_input():
         evaluate_pass_at_k(short, PROBLEMS, math_accuracy_reward, ks=(1,), num_samples=4, show_progress=False)
 
 
-class FakeLaDiR:
-    """The `sample_answers` contract of the LaDiR model, recording its calls."""
+class FakeLaDiRPipeline:
+    """Stands in for `LaDiRPipeline`: its `sample_answers` contract, recording the calls in `calls`."""
 
-    def __init__(self):
-        self.calls = []
+    calls = []
 
-    def sample_answers(self, tokenizer, prompts, num_latents, num_decodes_per_latent, **kwargs):
+    def __init__(self, model, tokenizer):
+        pass
+
+    def sample_answers(self, prompts, num_latents, num_decodes_per_latent, **kwargs):
         self.calls.append((len(prompts), num_latents, num_decodes_per_latent, kwargs))
         texts = [f"p{p} l{l} d{d}" for p in range(len(prompts)) for l in range(num_latents)
                  for d in range(num_decodes_per_latent)]
@@ -131,8 +133,10 @@ class FakeLaDiR:
         return SimpleNamespace(texts=texts, latents=latents)
 
 
-def test_ladir_generate_fn_reshapes_prompt_major():
-    model = FakeLaDiR()
+def test_ladir_generate_fn_reshapes_prompt_major(monkeypatch):
+    model = FakeLaDiRPipeline
+    monkeypatch.setattr(model, "calls", [])
+    monkeypatch.setattr("trl_ladi.pipeline.LaDiRPipeline", model)
     result = ladir_generate_fn(model, tokenizer=None, temperature=0.7)(["a", "b"], 4)
     assert model.calls == [(2, 4, 1, {"temperature": 0.7})]
     assert result.texts[1] == ["p1 l0 d0", "p1 l1 d0", "p1 l2 d0", "p1 l3 d0"]

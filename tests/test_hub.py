@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiny import make_tokenizer, tiny_llama_config
-from trl_ladi import LaDiRLConfig, LaDiRModel
+from trl_ladi import LaDiRLConfig, LaDiRModel, LaDiRPipeline
 from trl_ladi.hub import CARD_TAGS, push_ladir_model, write_model_card
 
 REPO_ID = "someone/tiny-ladirl"
@@ -103,8 +103,12 @@ def test_uploaded_folder_loads_with_identical_weights_and_outputs(tiny, hub_reco
 
     prompts = ["what is 3 plus 4 ?", "the cat sat on"]
     kwargs = dict(num_latents=2, num_decodes_per_latent=2, max_new_tokens=4, sde_noise_level=0.7)
-    original = model.sample_answers(tokenizer, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
-    reloaded = loaded.sample_answers(loaded_tokenizer, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    original = LaDiRPipeline(model, tokenizer).sample_answers(
+        prompts, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    reloaded = LaDiRPipeline(loaded, loaded_tokenizer).sample_answers(
+        prompts, generator=torch.Generator().manual_seed(0), **kwargs
+    )
     assert torch.equal(original.latents, reloaded.latents)
     assert original.texts == reloaded.texts
 
@@ -120,3 +124,38 @@ def test_card_from_a_settings_dict_and_flat_metrics(tiny, tmp_path):
     assert "| num_generations | 8 |" in readme and "| latent_policy_parameters | velocity_head |" in readme
     assert "| metric | value |" in readme and "| pass@1 | 0.5 |" in readme
     assert readme.count("| --- |") == 2  # the settings and the metrics tables, nothing else
+
+
+def test_saved_config_records_the_base_hub_id_and_never_a_local_folder(tmp_path):
+    """config.json is what `push_to_hub` uploads: it names the base model by its Hub id when that is known (the
+    converted default model's folder), and never by a path of the machine that trained it."""
+    from trl_ladi.default_model import CONVERSION_MARKER, DEFAULT_GGUF_FILENAME, DEFAULT_MODEL_HUB_ID
+    from trl_ladi.modeling import LaDiRConfig
+
+    tokenizer = make_tokenizer()
+    base_dir = tmp_path / "base"
+    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer)).save_pretrained(base_dir)
+    sizes = dict(latent_tokens_per_block=3, latent_dim=8, encoder_lora_rank=4, reasoner_lora_rank=4)
+
+    def saved_config(model, name):
+        model.save_pretrained(tmp_path / name)
+        return (tmp_path / name / "config.json").read_text()
+
+    model = LaDiRModel.from_base(str(base_dir), **sizes)
+    assert model.config.base_model_name_or_path is None
+    assert str(tmp_path) not in saved_config(model, "plain")
+
+    (base_dir / CONVERSION_MARKER).write_text(json.dumps({"source_file": DEFAULT_GGUF_FILENAME}))
+    model = LaDiRModel.from_base(str(base_dir), **sizes)
+    assert model.config.base_model_name_or_path == DEFAULT_MODEL_HUB_ID
+    text = saved_config(model, "default")
+    assert str(tmp_path) not in text and json.loads(text)["base_model_name_or_path"] == DEFAULT_MODEL_HUB_ID
+    card = open(write_model_card(tmp_path / "default", model)).read()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+
+    # a folder saved elsewhere with a local path in it loses the path when loaded (and so when saved again)
+    record = json.loads(text)
+    record["base_model_name_or_path"] = record["text_config"]["_name_or_path"] = "/home/someone/.cache/base"
+    (tmp_path / "default" / "config.json").write_text(json.dumps(record))
+    config = LaDiRConfig.from_pretrained(tmp_path / "default")
+    assert config.base_model_name_or_path is None and "/home/someone" not in config.to_json_string()

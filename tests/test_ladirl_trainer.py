@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from tiny import make_tokenizer, tiny_llama_config
-from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel
+from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel, LaDiRPipeline
 from trl_ladi.modeling import tokenize_prompts
 
 PROMPTS = ["what is 3 plus 4 ?", "2 + 2 =", "the cat sat on", "a b c"]
@@ -288,8 +288,10 @@ def fraction_cat(model, tokenizer, seed=1, num_latents=128):
     """The share of 'cat' answers over `num_latents` latents, decoded as the trainer decodes them."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    texts = model.sample_answers(tokenizer, ["what is it ?"], num_latents=num_latents, sde_noise_level=0.5,
-                                 max_new_tokens=2, temperature=ANSWER_TEMPERATURE, generator=generator).texts
+    texts = LaDiRPipeline(model, tokenizer).sample_answers(
+        ["what is it ?"], num_latents=num_latents, sde_noise_level=0.5, max_new_tokens=2,
+        temperature=ANSWER_TEMPERATURE, generator=generator,
+    ).texts
     return sum(text.strip().startswith("cat") for text in texts) / len(texts)
 
 

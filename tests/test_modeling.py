@@ -5,7 +5,7 @@ import torch
 from tiny import make_tokenizer, tiny_llama_config, tiny_qwen2_config
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from trl_ladi import sampling
+from trl_ladi import LaDiRPipeline, sampling
 from trl_ladi.modeling import ENCODER_ADAPTER, REASONER_ADAPTER, LaDiRConfig, LaDiRModel, tokenize_prompts
 
 L, D, K, MAX_BLOCKS = 3, 8, 4, 3
@@ -49,15 +49,15 @@ def sample(model, prompt_ids, prompt_mask, seed=1, **kwargs):
     options = dict(num_latents=3, sde_noise_level=0.7, num_decodes_per_latent=2, max_new_tokens=4,
                    generator=torch.Generator().manual_seed(seed))
     options.update(kwargs)
-    return model.sample(prompt_ids, prompt_mask, **options)
+    return LaDiRPipeline(model).sample(prompt_ids, prompt_mask, **options)
 
 
-def recompute(model, prompt_ids, prompt_mask, trace, num_latents, sde_noise_level):
+def recompute(model, prompt_ids, prompt_mask, trace, num_latents, sde_noise_level, cfg_scale=1.0):
     rows, _, num_steps = trace.step_log_probs.shape
     return model.denoising_log_probs(
         prompt_ids.repeat_interleave(num_latents, 0), prompt_mask.repeat_interleave(num_latents, 0),
-        trace.step_latents, trace.timesteps, trace.guidance, trace.block_mask,
-        torch.arange(num_steps).expand(rows, -1), sde_noise_level,
+        trace.step_latents, trace.timesteps, trace.mean_offsets, trace.block_mask,
+        torch.arange(num_steps).expand(rows, -1), sde_noise_level, cfg_scale=cfg_scale,
     )
 
 
@@ -72,11 +72,11 @@ def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale,
     trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=diversity).trace
     assert trace.step_log_probs.shape == (6, trace.step_latents.shape[1], K)
     assert torch.isfinite(trace.step_log_probs).all()
-    if cfg_scale != 1.0 or diversity > 0:
-        assert trace.guidance.abs().max() > 1e-2  # the guided case really is guided
+    if diversity > 0:
+        assert trace.mean_offsets.abs().max() > 1e-2  # the guided case really is guided
     else:
-        assert torch.equal(trace.guidance, torch.zeros_like(trace.guidance))
-    out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7)
+        assert torch.equal(trace.mean_offsets, torch.zeros_like(trace.mean_offsets))
+    out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7, cfg_scale)
     real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
     torch.testing.assert_close(out["log_probs"][real], trace.step_log_probs[real], rtol=0, atol=1e-5)
     torch.testing.assert_close(out["means"][real], trace.step_means[real], rtol=0, atol=1e-5)
@@ -88,7 +88,7 @@ def test_recomputed_log_probs_equal_stored_float32(tokenizer, family):
     model = build(tokenizer, family, seed=3)
     prompt_ids, prompt_mask = prompts(tokenizer)
     trace = sample(model, prompt_ids, prompt_mask, cfg_scale=2.0, diversity_guidance_scale=0.5, seed=4).trace
-    out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7)
+    out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7, cfg_scale=2.0)
     real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
     stored, new = trace.step_log_probs[real], out["log_probs"][real]
     # relative 1e-5 of the log-prob's size (a sum over L * D = 24 Gaussian terms, so at least 24 in scale)
@@ -139,33 +139,6 @@ def test_zero_noise_is_deterministic_euler(tokenizer):
     # a different seed gives different latents (the initial noise), so the equality above is not vacuous
     other = sample(model, prompt_ids, prompt_mask, sde_noise_level=0.0, seed=9)
     assert (other.trace.step_latents[:, 0] - first.trace.step_latents[:, 0]).abs().max() > 0.1
-
-
-def test_stored_guidance_is_the_guided_mean_offset(tokenizer):
-    """Block 0 has no earlier blocks, so the cache's unconditional pass equals the packed forward with the prompt
-    dropped: the stored CFG offset is exactly SDE-mean(v_cfg) - SDE-mean(v), plus the diversity offset."""
-    model = build(tokenizer, seed=10)
-    prompt_ids, prompt_mask = prompts(tokenizer)
-    cfg_scale, diversity, a, n = 3.0, 0.4, 0.7, 3
-    trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=diversity, seed=11).trace
-    rows = trace.step_latents.shape[0]
-    ids, mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
-    current = trace.step_latents[:, 0, :K]  # block 0, (R, K, L, D)
-    times = trace.timesteps[:K].expand(rows, -1)
-    common = dict(noisy_latents=current, noisy_timesteps=times, noisy_block_index=torch.zeros(rows, K, dtype=torch.long))
-    block0 = trace.latents[:, :1]
-    v_cond = model._packed_forward(ids, mask, block0, trace.block_mask[:, :1], **common)["velocity"]
-    v_uncond = model._packed_forward(ids, mask, block0, trace.block_mask[:, :1], drop_prompt=torch.ones(rows, dtype=torch.bool),
-                                     **common)["velocity"]
-    assert (v_cond - v_uncond).abs().max() > 1e-2
-    guided = sampling.classifier_free_guidance(v_cond, v_uncond, cfg_scale)
-    for k in range(K):
-        t, t_next = trace.timesteps[k].expand(rows), trace.timesteps[k + 1].expand(rows)
-        guided_mean, _ = sampling.sde_step_mean(current[:, k], guided[:, k], t, t_next, a, model.config.sde_max_t)
-        plain_mean, _ = sampling.sde_step_mean(current[:, k], v_cond[:, k], t, t_next, a, model.config.sde_max_t)
-        expected = guided_mean - plain_mean + sampling.diversity_guidance(current[:, k], n, t, t_next, diversity)
-        torch.testing.assert_close(trace.guidance[:, 0, k], expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(trace.step_means[:, 0, k], plain_mean + expected, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ attention layout
@@ -278,6 +251,145 @@ def test_left_padding_changes_nothing(tokenizer, family):
     torch.testing.assert_close(second.trace.step_latents, first.trace.step_latents, rtol=0, atol=1e-5)
     torch.testing.assert_close(second.trace.step_log_probs, first.trace.step_log_probs, rtol=1e-5, atol=1e-4)
     assert second.completion_ids == first.completion_ids
+
+
+# ------------------------------------------------------------------ classifier-free guidance: one policy on both sides
+
+
+@torch.no_grad()
+def test_unconditional_velocity_has_the_same_context_in_training_and_sampling(tokenizer):
+    """The packed forward's `drop_prompt` hides the prompt from the noisy copy only: its clean blocks (which read the
+    prompt) and the answer are unchanged, and the copy's velocity equals the cached step's with `see_prompt=False`,
+    for every block, not only the first."""
+    model = build(tokenizer, seed=10).double()
+    inputs = _packed_inputs(tokenizer)
+    inputs["latents"], inputs["noisy_latents"] = inputs["latents"].double(), inputs["noisy_latents"].double()
+    batch, blocks = inputs["block_mask"].shape
+    copies = {name: torch.cat([inputs[name], inputs[name]], 1)
+              for name in ("noisy_latents", "noisy_timesteps", "noisy_block_index")}
+    drop_prompt = torch.arange(2 * blocks).expand(batch, -1) >= blocks  # the second copy of each block is unconditional
+    packed = model._packed_forward(**dict(inputs, **copies, drop_prompt=drop_prompt))
+    reference = model._packed_forward(**inputs)
+    torch.testing.assert_close(packed["stop_logits"], reference["stop_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(packed["answer_logits"], reference["answer_logits"], rtol=0, atol=0)
+    conditional, unconditional = packed["velocity"].chunk(2, dim=1)
+    torch.testing.assert_close(conditional, reference["velocity"], rtol=0, atol=1e-12)
+    assert (conditional - unconditional).abs().min() > 1e-4  # hiding the prompt matters in every copy
+
+    context = model.prefill(inputs["prompt_ids"], inputs["prompt_mask"])
+    for block in range(blocks):
+        z, t = inputs["noisy_latents"][:, block], inputs["noisy_timesteps"][:, block]
+        cached_conditional = model.denoising_velocity(context, z, t)
+        cached_unconditional = model.denoising_velocity(context, z, t, see_prompt=False)
+        torch.testing.assert_close(cached_conditional, conditional[:, block], rtol=0, atol=1e-10)
+        torch.testing.assert_close(cached_unconditional, unconditional[:, block], rtol=0, atol=1e-10)
+        model.append_block(context, inputs["latents"][:, block], is_real=inputs["block_mask"][:, block])
+
+
+def replayed_log_probs(model, prompt_ids, prompt_mask, trace, sde_noise_level, cfg_scale):
+    """The log-probabilities the sampler gives the trace's transitions under the model's current weights: its own
+    steps (`denoising_velocity`, `append_block`, `sampling.policy_step`) replayed on the recorded latents."""
+    config = model.config
+    context = model.prefill(prompt_ids, prompt_mask)
+    rows, blocks, steps = trace.step_log_probs.shape
+    log_probs = torch.zeros(rows, blocks, steps, dtype=trace.step_latents.dtype)
+    for block in range(blocks):
+        for step in range(steps):
+            z, following = trace.step_latents[:, block, step], trace.step_latents[:, block, step + 1]
+            t, t_next = trace.timesteps[step].expand(rows), trace.timesteps[step + 1].expand(rows)
+            mean, std = sampling.policy_step(
+                z, model.denoising_velocity(context, z, t), t, t_next, sde_noise_level, config.sde_max_t,
+                velocity_uncond=model.denoising_velocity(context, z, t, see_prompt=False), cfg_scale=cfg_scale,
+                mean_offset=trace.mean_offsets[:, block, step],
+            )
+            log_probs[:, block, step] = sampling.gaussian_log_prob(following, mean, std)
+        model.append_block(context, trace.latents[:, block], is_real=trace.block_mask[:, block])
+    return log_probs
+
+
+def move_reasoner_weights(model, seed, scale=0.05):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.velocity_head_parameters() + model.shared_reasoner_parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+def frozen_cfg_offset_log_probs(model, ids, mask, trace, a, cfg_offsets):
+    """The pre-fix loss: the conditional velocity alone, plus the CFG change of the mean frozen at the old weights."""
+    steps = torch.arange(trace.step_log_probs.shape[2]).expand(ids.shape[0], -1)
+    return model.denoising_log_probs(ids, mask, trace.step_latents, trace.timesteps, trace.mean_offsets + cfg_offsets,
+                                     trace.block_mask, steps, a)["log_probs"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_guided_log_probs_are_the_same_function_of_the_weights_in_sampler_and_loss(tokenizer, family):
+    """With CFG on, the loss's log-probability of a recorded transition equals the sampler's at any weights, not only
+    at those that sampled it: both are `policy_step` of the guided velocity."""
+    model = build(tokenizer, family, seed=30).double()
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    cfg_scale, a, n = 2.5, 0.7, 3
+    trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=0.6, seed=31).trace
+    ids, mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+    real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
+    with torch.no_grad():
+        replayed = replayed_log_probs(model, ids, mask, trace, a, cfg_scale)
+        # the old pre-fix constant: SDE mean with the guided velocity minus the mean with the conditional one
+        cfg_offsets = trace.step_means - recompute(model, prompt_ids, prompt_mask, trace, n, a)["means"]
+    # the replay is the sampler
+    torch.testing.assert_close(replayed[real], trace.step_log_probs[real], rtol=0, atol=1e-10)
+
+    move_reasoner_weights(model, seed=32)
+    with torch.no_grad():
+        sampler_side = replayed_log_probs(model, ids, mask, trace, a, cfg_scale)
+        loss_side = recompute(model, prompt_ids, prompt_mask, trace, n, a, cfg_scale)["log_probs"]
+        frozen = frozen_cfg_offset_log_probs(model, ids, mask, trace, a, cfg_offsets)
+    assert (sampler_side - trace.step_log_probs)[real].abs().max() > 1.0  # the weights really moved the policy
+    torch.testing.assert_close(loss_side[real], sampler_side[real], rtol=0, atol=1e-8)
+    assert (frozen - sampler_side)[real].abs().max() > 0.1  # control: a CFG offset frozen at the old weights drifts
+
+
+@pytest.mark.parametrize("weights", ["velocity_head", "reasoner_lora"])
+def test_guided_log_prob_gradient_is_the_guided_policy_gradient(tokenizer, weights):
+    """The gradient of the loss's log-probability along a direction in the weights equals the finite difference of
+    the sampler's guided log-probability, i.e. it flows through both the conditional and unconditional velocities."""
+    model = build(tokenizer, seed=33).double()
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    cfg_scale, a, n = 3.0, 0.7, 3
+    trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, seed=34).trace
+    ids, mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+    real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs).double()
+    with torch.no_grad():
+        cfg_offsets = trace.step_means - recompute(model, prompt_ids, prompt_mask, trace, n, a)["means"]
+    if weights == "velocity_head":
+        # after the LM: the finite difference is exact to float64 rounding
+        parameters, step, tolerance = [model.velocity_head.linear.weight], 1e-5, 1e-8
+    else:
+        # inside the LM, whose RMSNorms compute in float32 even in a float64 model: a larger step, a looser match
+        parameters = [p for name, p in model.language_model.named_parameters()
+                      if "lora_B" in name and f".{REASONER_ADAPTER}." in name]
+        step, tolerance = 3e-3, 2e-3
+    generator = torch.Generator().manual_seed(35)
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in parameters]
+
+    def directional_gradient(log_probs):
+        gradients = torch.autograd.grad((log_probs * real).sum(), parameters)
+        return sum((g * d).sum() for g, d in zip(gradients, direction)).item()
+
+    guided = directional_gradient(recompute(model, prompt_ids, prompt_mask, trace, n, a, cfg_scale)["log_probs"])
+    frozen = directional_gradient(frozen_cfg_offset_log_probs(model, ids, mask, trace, a, cfg_offsets))
+    replays = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for parameter, d in zip(parameters, direction):
+                parameter.add_(sign * step * d)
+            replays.append((replayed_log_probs(model, ids, mask, trace, a, cfg_scale) * real).sum().item())
+            for parameter, d in zip(parameters, direction):
+                parameter.sub_(sign * step * d)
+    finite_difference = (replays[0] - replays[1]) / (2 * step)
+    assert abs(finite_difference) > 1.0
+    assert guided == pytest.approx(finite_difference, rel=tolerance)
+    # control: the pre-fix loss (right value at the old weights) has the conditional velocity's gradient instead
+    assert abs(frozen - finite_difference) > 10 * tolerance * abs(finite_difference), (frozen, finite_difference)
 
 
 # ------------------------------------------------------------------ the cache at work

@@ -83,14 +83,14 @@ def test_sde_step_mean_and_std_follow_the_design_formula(t, t_next):
     torch.testing.assert_close((1 - t) * x0_hat + t * eps_hat, z)
     torch.testing.assert_close(eps_hat - x0_hat, v)
 
-    mean, std = sampling.sde_step_mean(z, v, torch.full((4,), t, dtype=torch.float64),
-                                       torch.full((4,), t_next, dtype=torch.float64), a, max_t)
+    mean, std = sampling.policy_step(z, v, torch.full((4,), t, dtype=torch.float64),
+                                     torch.full((4,), t_next, dtype=torch.float64), a, max_t)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(std, torch.full((4,), expected_std, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
     noise = torch.randn(4, 3, 8, generator=_generator(5), dtype=torch.float64)
     guidance = 0.1 * torch.randn(4, 3, 8, generator=_generator(6), dtype=torch.float64)
-    out = sampling.sde_step(z, v, t, t_next, a, max_t, guidance=guidance, noise=noise)
+    out = sampling.sde_step(z, v, t, t_next, a, max_t, mean_offset=guidance, noise=noise)
     torch.testing.assert_close(out.mean, expected_mean + guidance, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.sample, expected_mean + guidance + expected_std * noise, rtol=1e-12, atol=1e-12)
 
@@ -250,7 +250,7 @@ def test_diversity_guidance_pushes_close_latents_apart():
     guidance = sampling.diversity_guidance(latents, 4, t, t_next, guidance_scale=2.0)
     torch.testing.assert_close(guidance, 2.0 * 0.9 * 0.1 * sampling.repulsive_force(latents, 4), rtol=1e-5, atol=1e-7)
     # a guided step with no velocity moves only by the guidance
-    stepped = sampling.sde_step(latents, torch.zeros_like(latents), t, t_next, 0.0, guidance=guidance).sample
+    stepped = sampling.sde_step(latents, torch.zeros_like(latents), t, t_next, 0.0, mean_offset=guidance).sample
     before, after = torch.linalg.norm(latents[0] - latents[1]), torch.linalg.norm(stepped[0] - stepped[1])
     assert after > before * 1.02, (before, after)
     # the strength decays with t: the same latents near the clean end get a far smaller push
@@ -264,9 +264,9 @@ def test_stored_guidance_gives_back_the_exact_log_prob():
     v = torch.randn(4, 3, 8, generator=_generator(26))
     t, t_next = torch.full((4,), 0.7), torch.full((4,), 0.5)
     offset = sampling.diversity_guidance(z, 4, t, t_next, 0.8) + 0.05 * torch.randn(4, 3, 8, generator=_generator(27))
-    out = sampling.sde_step(z, v, t, t_next, 0.6, max_t=0.9, guidance=offset, generator=_generator(28))
+    out = sampling.sde_step(z, v, t, t_next, 0.6, max_t=0.9, mean_offset=offset, generator=_generator(28))
     # later, with the same velocity and the stored offset, the transition's log-prob is recomputed exactly
-    mean, std = sampling.sde_step_mean(z, v, t, t_next, 0.6, 0.9)
+    mean, std = sampling.policy_step(z, v, t, t_next, 0.6, 0.9)
     recomputed = sampling.gaussian_log_prob(out.sample, mean + offset, std)
     torch.testing.assert_close(recomputed, out.log_prob, rtol=0, atol=1e-5)
     torch.testing.assert_close(mean + offset, out.mean, rtol=0, atol=1e-6)

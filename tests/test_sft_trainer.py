@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, HfArgumentParser
 
 from tiny import make_tokenizer, tiny_llama_config
 from trl_ladi.modeling import LaDiRModel, tokenize_prompts
+from trl_ladi.pipeline import LaDiRPipeline
 from trl_ladi.trainers import LaDiRSFTConfig, LaDiRSFTTrainer
 from trl_ladi.trainers.sft_trainer import DataCollatorForLatentReasoner, DataCollatorForSentenceVAE
 
@@ -86,7 +87,7 @@ def sft_config(tmp_path, stage, **overrides):
 
 def answer_accuracy(model, tokenizer, rows, seed=0) -> float:
     generator = torch.Generator().manual_seed(seed)
-    texts = model.sample_answers(tokenizer, rows["prompt"], temperature=0.0, generator=generator).texts
+    texts = LaDiRPipeline(model, tokenizer).sample_answers(rows["prompt"], temperature=0.0, generator=generator).texts
     expected = [ANSWER_TEMPLATE.format(answer=answer) for answer in rows["answer"]]
     return sum(text.strip() == target for text, target in zip(texts, expected)) / len(expected)
 
@@ -186,7 +187,8 @@ def test_saved_model_reloads_and_generates_the_same(pipeline):
     for candidate in (model, reloaded):
         candidate.eval()
         generator = torch.Generator().manual_seed(7)
-        outputs.append(candidate.sample_answers(tokenizer, prompts, temperature=0.7, generator=generator))
+        pipeline = LaDiRPipeline(candidate, tokenizer)
+        outputs.append(pipeline.sample_answers(prompts, temperature=0.7, generator=generator))
     assert outputs[0].texts == outputs[1].texts
     torch.testing.assert_close(outputs[0].latents, outputs[1].latents)
     # the VAE decoder shows the sampled latent blocks as text

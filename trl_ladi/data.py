@@ -351,8 +351,9 @@ def load_user_dataset(name_or_path: str, split: str = "train") -> datasets.Datas
         return datasets.load_dataset(name_or_path, split=split)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ValueError(
-            f"Could not load {name_or_path!r} from the Hugging Face Hub ({error}). Offline (HF_HUB_OFFLINE=1), only "
-            f"local files and folders work; the embedded datasets are in trl_ladi.data.load_math_dataset."
+            f"{name_or_path!r} is neither a file, a directory, nor a dataset that could be loaded from the Hugging "
+            f"Face Hub ({error}). Offline (HF_HUB_OFFLINE=1), only local files and folders work; the embedded datasets "
+            f"are in trl_ladi.data.load_math_dataset."
         ) from error
 
 

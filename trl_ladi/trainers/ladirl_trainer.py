@@ -28,6 +28,7 @@ from trl.trainer.utils import nanstd, pad
 
 from trl_ladi.hub import write_model_card
 from trl_ladi.modeling import LaDiRModel, tokenize_prompts
+from trl_ladi.pipeline import LaDiRPipeline
 from trl_ladi.trainers.ladirl_config import LaDiRLConfig
 
 ADVANTAGE_EPS = 1e-4  # as GRPO
@@ -93,7 +94,7 @@ class LaDiRLTrainer(GRPOTrainer):
                 f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}). "
                 "Rename your prompt column, e.g. `dataset.rename_column('question', 'prompt')`."
             )
-        velocity_head, shared = self._policy_parameters(model, args)
+        velocity_head, shared = self._trained_parameters(model, args)
         model.train_only(velocity_head + shared)
         # The reference denoiser is copied now: GRPOTrainer patches `model.forward` (fused LM head) with a closure
         # over this model, and a copy taken after that would run the policy's weights.
@@ -134,26 +135,22 @@ class LaDiRLTrainer(GRPOTrainer):
         }
 
     @staticmethod
-    def _policy_parameters(model: LaDiRModel, args: LaDiRLConfig) -> tuple[list, list]:
-        """The trained parameters: the velocity head (denoiser only), and those shared with the answer decoder.
+    def _trained_parameters(model: LaDiRModel, args: LaDiRLConfig) -> tuple[list, list]:
+        """The two parameter groups RL trains: the velocity head (the denoiser's own), and the parameters it shares
+        with the answer decoder when ``latent_policy_parameters="reasoner"`` or ``text_policy_coef > 0``.
 
         The stop head is never trained here: stopping is not part of the policy gradient (and an unused trainable
         parameter breaks DDP).
         """
-        velocity_head = list(model.velocity_head.parameters())
-        shared = []
-        if args.latent_policy_parameters == "reasoner" or args.text_policy_coef > 0:
-            shared = model.adapter_parameters("reasoner") + [model.marker_embeddings]
-            for module in (model.reasoner_latent_in, model.timestep_embedding):
-                shared.extend(module.parameters())
-        return velocity_head, shared
+        trains_shared = args.latent_policy_parameters == "reasoner" or args.text_policy_coef > 0
+        return model.velocity_head_parameters(), model.shared_reasoner_parameters() if trains_shared else []
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer with two learning rates: the velocity head, and the shared parameters."""
         if self.optimizer is not None:
             return self.optimizer
         ladir = self.accelerator.unwrap_model(self.model)
-        velocity_head, shared = self._policy_parameters(ladir, self.args)
+        velocity_head, shared = self._trained_parameters(ladir, self.args)
         optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, ladir)
         optimizer_kwargs.pop("lr", None)
         groups = [
@@ -194,7 +191,7 @@ class LaDiRLTrainer(GRPOTrainer):
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
         ) as unwrapped_model:
-            samples = unwrapped_model.sample(
+            samples = LaDiRPipeline(unwrapped_model).sample(
                 prompt_ids,
                 prompt_mask,
                 num_latents=1,  # rows are already repeated
@@ -215,7 +212,7 @@ class LaDiRLTrainer(GRPOTrainer):
             output.update(
                 step_latents=trace.step_latents,
                 timesteps=trace.timesteps.expand(batch, -1),
-                guidance=trace.guidance,
+                mean_offsets=trace.mean_offsets,
                 block_mask=trace.block_mask,
                 step_indices=self._sample_step_indices(batch, trace.step_log_probs.shape[2]),
             )
@@ -311,10 +308,11 @@ class LaDiRLTrainer(GRPOTrainer):
             "prompt_mask": inputs["prompt_mask"],
             "step_latents": inputs["step_latents"],
             "timesteps": inputs["timesteps"][0],
-            "guidance": inputs["guidance"],
+            "mean_offsets": inputs["mean_offsets"],
             "block_mask": inputs["block_mask"],
             "step_indices": inputs["step_indices"],
             "sde_noise_level": self.args.sde_noise_level,
+            "cfg_scale": self.args.cfg_scale,
         }
 
     def _answer_inputs(self, inputs: dict) -> dict:

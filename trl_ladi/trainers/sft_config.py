@@ -61,8 +61,10 @@ class LaDiRSFTConfig(TrainingArguments):
         stop_weight (`float`, defaults to `2.0`):
             Weight of the stop-head cross-entropy (LaDiR: 2).
         prompt_dropout (`float`, defaults to `0.1`):
-            Probability of hiding the prompt from a training trace, so the reasoner also learns the unconditional
-            velocity that classifier-free guidance needs (LaDiR: 0.1).
+            Probability of hiding the prompt from the noisy block copies of a training trace, so the reasoner also
+            learns the unconditional velocity that classifier-free guidance needs (LaDiR: 0.1). Only the noisy copies
+            lose it; the clean blocks they read and the answer keep it, which is the context the sampler's
+            unconditional velocity has.
         rollout_denoise_steps (`int`, defaults to `4`):
             Euler steps per block in the `"rollout"` stage (LaDiR: 10, fewer than at inference). Each is a forward
             pass with gradients, so the stage costs about `blocks * steps` times a reasoner step.
@@ -130,7 +132,8 @@ class LaDiRSFTConfig(TrainingArguments):
     stop_weight: float = field(default=2.0, metadata={"help": "Weight of the stop-head cross-entropy (LaDiR: 2)."})
     prompt_dropout: float = field(
         default=0.1,
-        metadata={"help": "Probability of hiding the prompt from a trace, for classifier-free guidance (LaDiR: 0.1)."},
+        metadata={"help": "Probability of hiding the prompt from a trace's noisy block copies (its clean blocks and "
+                  "answer keep it), for classifier-free guidance (LaDiR: 0.1)."},
     )
 
     rollout_denoise_steps: int = field(

@@ -26,6 +26,7 @@ from trl.trainer.utils import pad
 
 from trl_ladi.data import prepare_cot_dataset, split_reasoning_into_sentences
 from trl_ladi.modeling import LaDiRModel, check_tokenizer, tokenize_prompts
+from trl_ladi.pipeline import LaDiRPipeline
 from trl_ladi.trainers.sft_config import LaDiRSFTConfig
 
 STAGE_METRICS = {
@@ -304,7 +305,7 @@ class LaDiRSFTTrainer(Trainer):
                 lines.append(f"  sentence {tokenizer.decode(ids)!r} -> latent block -> {reconstruction!r}")
         else:
             prompts = self.train_dataset["prompt"][:NUM_SUMMARY_EXAMPLES]
-            samples = model.sample_answers(tokenizer, prompts, temperature=0.0)
+            samples = LaDiRPipeline(model, tokenizer).sample_answers(prompts, temperature=0.0)
             for row, (prompt, answer) in enumerate(zip(prompts, samples.texts)):
                 num_blocks = int(samples.trace.num_blocks[row])
                 thoughts = model.decode_latents_to_text(samples.latents[row, :num_blocks], tokenizer)

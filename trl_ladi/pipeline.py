@@ -1,0 +1,296 @@
+"""`LaDiRPipeline`: sample latent reasoning traces with a `LaDiRModel` and decode answers from them.
+
+```python
+from transformers import AutoTokenizer
+from trl_ladi import LaDiRModel, LaDiRPipeline
+
+pipeline = LaDiRPipeline(LaDiRModel.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+samples = pipeline.sample_answers(["What is 12 + 7 - 5?"], num_latents=4, num_decodes_per_latent=2)
+samples.texts  # 8 answers: 4 latent traces, each decoded twice
+```
+
+As in diffusers, the model gives the steps, `trl_ladi.sampling` the math of a step, and this file the loop:
+
+    context = model.prefill(prompt_ids, prompt_mask)
+    for block in range(max_blocks):
+        z = initial_noise_scale * noise
+        for step in range(K):
+            velocity = model.denoising_velocity(context, z, t)          (and without the prompt, for CFG)
+            z ~ sampling.policy_step(z, velocity, t, t_next, ...)         (recorded in a LatentTrace)
+        stop_logits = model.append_block(context, z, is_real)
+        stop once every row chose "answer"
+    then M answers per latent, token by token from the shared context (model.answer_step)
+
+The RL trainer calls `sample` on token ids; `sample_answers` is text in, text out.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from trl_ladi import sampling
+from trl_ladi.modeling import ANSWER, LaDiRModel, ReasonerContext, check_tokenizer, tokenize_prompts
+
+
+@dataclass
+class LatentTrace:
+    """What the sampler recorded for a batch of latent reasoning traces (``R`` rows, ``Bm`` blocks, ``K`` steps).
+
+    ``step_latents[:, b, k]`` is ``z`` before step ``k`` of block ``b``; ``step_latents[:, b, K]`` is the clean
+    block. ``mean_offsets[:, b, k]`` is the weight-independent term added to the mean of step ``k`` (the diversity
+    guidance; zero without it), kept so that the loss recomputes the same policy. Classifier-free guidance is not in
+    it: it enters the step through the velocities. ``num_blocks[r]`` blocks of row ``r`` are real; later blocks were
+    computed for the batch but are masked out everywhere.
+    """
+
+    step_latents: torch.Tensor = None  # (R, Bm, K + 1, L, D)
+    timesteps: torch.Tensor = None  # (K + 1,)
+    step_means: torch.Tensor = None  # (R, Bm, K, L, D)
+    step_stds: torch.Tensor = None  # (R, Bm, K)
+    step_log_probs: torch.Tensor = None  # (R, Bm, K)
+    mean_offsets: torch.Tensor = None  # (R, Bm, K, L, D)
+    num_blocks: torch.Tensor = None  # (R,)
+    block_mask: torch.Tensor = None  # (R, Bm)
+    num_lm_tokens: int = 0  # positions fed to the LM while sampling, answers included (shows the cache at work)
+    denoise_seconds: float = 0.0
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The clean latent blocks, ``(R, Bm, L, D)``."""
+        return self.step_latents[:, :, -1]
+
+
+@dataclass
+class AnswerSamples:
+    """Sampled answers: ``R * M`` rows, the ``M`` decodes of latent row ``r`` at ``r * M .. r * M + M - 1``."""
+
+    completion_ids: list = None  # list of lists of token ids, cut after the first end-of-sequence token
+    trace: LatentTrace = None
+    texts: list = None  # `sample_answers` only
+    latents: torch.Tensor = None  # (R, Bm, L, D), zero on masked blocks
+    token_entropy: torch.Tensor = None  # (R * M,) mean entropy of the sampling distribution over each answer
+    decode_seconds: float = 0.0
+
+
+class LaDiRPipeline:
+    """Latent reasoning traces and answers from a [`LaDiRModel`].
+
+    Args:
+        model (`LaDiRModel`): the model; the pipeline only calls its step methods.
+        tokenizer (*optional*): the base model's tokenizer, needed by `sample_answers` (text in, text out).
+    """
+
+    def __init__(self, model: LaDiRModel, tokenizer=None):
+        if tokenizer is not None:
+            check_tokenizer(tokenizer)
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def sample_answers(
+        self, prompts: list, num_latents: int = 1, num_decodes_per_latent: int = 1, **kwargs
+    ) -> AnswerSamples:
+        """Text in, text out: tokenize ``prompts`` (strings or chat messages), sample, and decode the answers.
+
+        ``kwargs`` are those of :meth:`sample`. Returns :class:`AnswerSamples` with ``texts`` (``len(prompts) * N * M``
+        strings, prompt-major, then latent, then decode) and ``latents`` ``(len(prompts) * N, Bm, L, D)``.
+        """
+        if self.tokenizer is None:
+            raise ValueError("sample_answers needs the tokenizer: LaDiRPipeline(model, tokenizer).")
+        prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, prompts, device=self.model.device)
+        kwargs.setdefault("eos_token_ids", [self.tokenizer.eos_token_id])
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        samples = self.sample(
+            prompt_ids, prompt_mask, num_latents=num_latents, num_decodes_per_latent=num_decodes_per_latent, **kwargs
+        )
+        samples.texts = self.tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        return samples
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        num_latents: int = 1,
+        latent_group_size: int | None = None,
+        num_denoise_steps: int | None = None,
+        sde_noise_level: float = 0.0,
+        initial_noise_scale: float | None = None,
+        cfg_scale: float = 1.0,
+        diversity_guidance_scale: float = 0.0,
+        max_blocks: int | None = None,
+        num_decodes_per_latent: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        eos_token_ids: list[int] | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> AnswerSamples:
+        """Sample latent reasoning traces for left-padded prompts ``(B, P)`` and decode answers from them.
+
+        Each prompt gets ``num_latents`` traces (rows ``p * N .. p * N + N - 1``), and every trace
+        ``num_decodes_per_latent`` answers decoded from one shared prefix. ``latent_group_size`` (default
+        ``num_latents``) says how many consecutive rows are latents of one prompt, for the diversity guidance; the RL
+        trainer passes rows already repeated, with ``num_latents=1``. The latent arguments are those of
+        :meth:`sample_latents`, the answer arguments those of :meth:`decode_answers`.
+        """
+        start_time = time.perf_counter()
+        context = self.model.prefill(
+            prompt_ids.repeat_interleave(num_latents, dim=0), prompt_mask.repeat_interleave(num_latents, dim=0)
+        )
+        trace = self.sample_latents(
+            context,
+            num_denoise_steps=num_denoise_steps,
+            sde_noise_level=sde_noise_level,
+            initial_noise_scale=initial_noise_scale,
+            cfg_scale=cfg_scale,
+            diversity_guidance_scale=diversity_guidance_scale,
+            latent_group_size=latent_group_size or num_latents,
+            max_blocks=max_blocks,
+            generator=generator,
+        )
+        trace.denoise_seconds = time.perf_counter() - start_time
+
+        start_time = time.perf_counter()
+        completion_ids, token_entropy = self.decode_answers(
+            context,
+            num_decodes=num_decodes_per_latent,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+            generator=generator,
+        )
+        trace.num_lm_tokens = context.num_lm_tokens
+        return AnswerSamples(
+            completion_ids=completion_ids,
+            trace=trace,
+            latents=trace.latents * trace.block_mask[:, :, None, None],
+            token_entropy=token_entropy,
+            decode_seconds=time.perf_counter() - start_time,
+        )
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        context: ReasonerContext,
+        num_denoise_steps: int | None = None,
+        sde_noise_level: float = 0.0,
+        initial_noise_scale: float | None = None,
+        cfg_scale: float = 1.0,
+        diversity_guidance_scale: float = 0.0,
+        latent_group_size: int = 1,
+        max_blocks: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LatentTrace:
+        """Denoise blocks one after another after the prompt in ``context``, until every row's stop head says
+        "answer" or ``max_blocks`` blocks are written; the finished blocks are left in ``context``.
+
+        A block starts from ``N(0, initial_noise_scale^2)`` and takes ``num_denoise_steps`` steps of the policy
+        (``sde_noise_level = 0``: deterministic Euler). ``cfg_scale != 1`` adds classifier-free guidance (a second
+        velocity with the prompt hidden); ``diversity_guidance_scale > 0`` repels the latents of a prompt (groups of
+        ``latent_group_size`` consecutive rows) from each other. Defaults come from the model config.
+        """
+        model, config = self.model, self.model.config
+        num_denoise_steps = num_denoise_steps or config.num_denoise_steps
+        max_blocks = max_blocks or config.max_blocks
+        initial_noise_scale = config.initial_noise_scale if initial_noise_scale is None else initial_noise_scale
+        rows, device = context.rows, context.key_is_real.device
+        block_shape = (rows, config.latent_tokens_per_block, config.latent_dim)
+        dtype = torch.promote_types(model.dtype, torch.float32)  # the step's math: float32, or float64 for such a model
+        timesteps = sampling.flow_matching_timesteps(num_denoise_steps, config.timestep_shift).to(device)
+
+        record = {name: [] for name in ("step_latents", "step_means", "step_stds", "step_log_probs", "mean_offsets")}
+        block_mask = []
+        stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        for _ in range(max_blocks):
+            block_mask.append(~stopped)
+            z = initial_noise_scale * torch.randn(block_shape, device=device, dtype=dtype, generator=generator)
+            steps = {name: [] for name in record}
+            steps["step_latents"].append(z)
+            for step in range(num_denoise_steps):
+                t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
+                velocity = model.denoising_velocity(context, z, t)
+                velocity_uncond = model.denoising_velocity(context, z, t, see_prompt=False) if cfg_scale != 1.0 else None
+                # the repulsion among a prompt's latents depends on z alone, not on the weights: stored with the step
+                offset = sampling.diversity_guidance(z, latent_group_size, t, t_next, diversity_guidance_scale)
+                step_output = sampling.sde_step(
+                    z,
+                    velocity,
+                    t,
+                    t_next,
+                    sde_noise_level,
+                    config.sde_max_t,
+                    velocity_uncond=velocity_uncond,
+                    cfg_scale=cfg_scale,
+                    mean_offset=offset,
+                    generator=generator,
+                )
+                z = step_output.sample
+                steps["step_latents"].append(z)
+                steps["step_means"].append(step_output.mean)
+                steps["step_stds"].append(step_output.std)
+                steps["step_log_probs"].append(step_output.log_prob)
+                steps["mean_offsets"].append(offset)
+            for name, values in steps.items():
+                record[name].append(torch.stack(values, 1))
+
+            # the finished block becomes context; its <eot> decides: another block, or the answer
+            stop_logits = model.append_block(context, z, is_real=block_mask[-1])
+            stopped |= stop_logits.argmax(-1) == ANSWER
+            if bool(stopped.all()):
+                break
+
+        block_mask = torch.stack(block_mask, 1)
+        return LatentTrace(
+            **{name: torch.stack(values, 1) for name, values in record.items()},
+            timesteps=timesteps,
+            num_blocks=block_mask.sum(1),
+            block_mask=block_mask,
+        )
+
+    @torch.no_grad()
+    def decode_answers(
+        self,
+        context: ReasonerContext,
+        num_decodes: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        eos_token_ids: list[int] | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        """Sample ``num_decodes`` answers per row of ``context`` (prompt and finished blocks), ``<soa>`` first.
+
+        The context is repeated, cache included, so a latent's prefix is computed once for its ``num_decodes``
+        answers. ``temperature = 0`` is greedy. Returns the token ids of each answer (rows ``r * M .. r * M + M - 1``
+        for latent ``r``), cut after the first of ``eos_token_ids``, and each answer's mean token entropy.
+        """
+        eos_token_ids = list(eos_token_ids or [])
+        context.repeat_interleave(num_decodes)
+        rows, device = context.rows, context.key_is_real.device
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        entropy_sum, entropy_count = torch.zeros(rows, device=device), torch.zeros(rows, device=device)
+        tokens, next_tokens = [], None
+        for _ in range(max_new_tokens):
+            logits = self.model.answer_step(context, next_tokens)
+            log_probabilities = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
+            entropy_sum += (-(log_probabilities.exp() * log_probabilities).sum(-1)).masked_fill(finished, 0)
+            entropy_count += (~finished).float()
+            if temperature > 0:
+                probabilities = torch.softmax(logits / temperature, dim=-1)
+                next_tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+            else:
+                next_tokens = logits.argmax(-1)
+            next_tokens = next_tokens.masked_fill(finished, pad_token_id)
+            tokens.append(next_tokens)
+            if eos_token_ids:
+                finished |= torch.isin(next_tokens, torch.tensor(eos_token_ids, device=device))
+            if bool(finished.all()):
+                break
+        completion_ids = []
+        for row in torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]:
+            cut = next((i + 1 for i, token in enumerate(row) if token in eos_token_ids), len(row))
+            completion_ids.append(row[:cut])
+        return completion_ids, entropy_sum / entropy_count.clamp(min=1)
