@@ -217,6 +217,21 @@ def test_velocity_head_policy_leaves_the_answer_decoder_untouched(tmp_path):
             assert torch.equal(parameter, shared_before[name]), name
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_a_step_without_advantages_moves_the_policy_only_by_the_configured_weight_decay(tmp_path, weight_decay):
+    """A constant reward gives every latent a zero advantage, so the loss has no gradient: with weight_decay=0 the
+    step leaves the velocity head exactly as it was, with weight_decay=w AdamW shrinks it by lr * w."""
+    model, tokenizer = make_model()
+    head_before = model.velocity_head.linear.weight.detach().clone()
+    args = make_args(tmp_path, max_steps=1, weight_decay=weight_decay, latent_kl_beta=0.0)
+    trainer = LaDiRLTrainer(model=model, reward_funcs=lambda completions, **kwargs: [1.0] * len(completions), args=args,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    trainer.train()
+    assert all(group["weight_decay"] == weight_decay for group in trainer.optimizer.param_groups)
+    expected = head_before * (1 - args.learning_rate * weight_decay)  # decoupled decay, scheduler at its first lr
+    assert torch.allclose(model.velocity_head.linear.weight, expected, atol=1e-7, rtol=0)
+
+
 # The tiny model's answer decoder can not be sharp at temperature 1: its tied LM head is frozen and reads an RMS-normed
 # hidden state, which caps P('cat' | a 'cat' latent) near 0.7 (the other ~150 tokens share the rest). Decoding at 0.3
 # makes the answer follow the latent's mode, so the reward measures what the latent policy controls.

@@ -1,0 +1,62 @@
+"""The text chain-of-thought SFT baseline (trl_ladi.baselines)."""
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig
+
+from tiny import make_tokenizer, tiny_llama_config
+from trl_ladi.baselines import text_sft_dataset, train_text_sft
+
+ROWS = {
+    "prompt": [[{"role": "user", "content": f"what is {a} plus {b} ?"}] for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]],
+    "reasoning": [f"{a} + {b} = {a + b} ." for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]],
+    "answer": [str(a + b) for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]],
+}
+
+
+def test_completion_is_the_reasoning_then_the_answer_in_the_template():
+    rows = text_sft_dataset(datasets.Dataset.from_dict(ROWS), answer_template="the answer is {answer}")
+    assert rows.column_names == ["prompt", "completion"]
+    assert rows[0]["completion"] == [{"role": "assistant", "content": "1 + 2 = 3 .\nthe answer is 3"}]
+    plain = dict(ROWS, prompt=["what is 1 plus 2 ?"] * 4)
+    assert text_sft_dataset(datasets.Dataset.from_dict(plain))[0]["completion"] == "\n1 + 2 = 3 .\n#### 3"
+
+
+def test_bad_rows_and_templates_get_clear_errors():
+    with pytest.raises(ValueError, match="answer_template must contain"):
+        text_sft_dataset(datasets.Dataset.from_dict(ROWS), answer_template="the answer")
+    with pytest.raises(ValueError, match="missing column"):
+        text_sft_dataset(datasets.Dataset.from_dict({"question": ["what is 1 ?"], "answer": ["1"]}))
+
+
+def completion_loss(model, tokenizer) -> float:
+    """Mean NLL of the completion tokens given the prompt, computed here independently of TRL."""
+    total, count = 0.0, 0
+    for prompt, reasoning, answer in zip(ROWS["prompt"], ROWS["reasoning"], ROWS["answer"]):
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(f"{reasoning}\n#### {answer}", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + completion_ids])
+        with torch.no_grad():
+            log_probs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        targets = ids[0, 1:]
+        token_nll = -log_probs[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :]
+        total, count = total + token_nll.sum().item(), count + len(token_nll)
+    return total / count
+
+
+@pytest.mark.statistical
+def test_text_sft_lowers_the_completion_loss_and_saves_a_loadable_model(tmp_path, statistical_seed, margin):
+    tokenizer = make_tokenizer()
+    torch.manual_seed(statistical_seed)
+    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer, initializer_range=0.2)).save_pretrained(tmp_path / "base")
+    before = completion_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=40, learning_rate=1e-2, per_device_train_batch_size=4,
+                     use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=10,
+                     seed=statistical_seed)
+    output_dir = train_text_sft(str(tmp_path / "base"), datasets.Dataset.from_dict(ROWS), args, tokenizer=tokenizer)
+    after = completion_loss(AutoModelForCausalLM.from_pretrained(output_dir), tokenizer)
+    # 40 steps on 4 rows memorise them: measured 5.7 -> 0.017 nats per token (seed 0)
+    margin.check("completion loss after / before", after / before, 0.5, "<", context=(before, after))

@@ -1,0 +1,67 @@
+"""The token-level reference: text chain-of-thought SFT of the same base model on the same data.
+
+LaDiR learns to reason in latent blocks from `(prompt, reasoning, answer)` rows. The fair reference for it, and the
+starting model of token-level GRPO in a LaDi-RL vs GRPO comparison, is the same base model fine-tuned with TRL's
+`SFTTrainer` on the same rows with the reasoning written out as text, then the answer in the same format:
+
+    prompt -> "\\n" + reasoning + "\\n" + answer_template.format(answer=answer) + eos
+
+`text_sft_dataset` builds those prompt/completion rows; `train_text_sft` runs `SFTTrainer` on them (loss on the
+completion only, as TRL does for prompt/completion data) and saves the model and tokenizer.
+"""
+
+import datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from trl_ladi.data import prepare_cot_dataset
+
+DEFAULT_ANSWER_TEMPLATE = "#### {answer}"
+
+
+def text_sft_dataset(dataset: datasets.Dataset, answer_template: str = DEFAULT_ANSWER_TEMPLATE) -> datasets.Dataset:
+    """Prompt/completion rows for `SFTTrainer`: the completion is the reasoning as text, then the formatted answer.
+
+    `dataset` has the columns the LaDiR stages read (`prompt` and `reasoning` + `answer`, or a GSM8K-style
+    `solution`); it is validated by `trl_ladi.data.prepare_cot_dataset`. Conversational prompts give an assistant
+    message as the completion, plain prompts a string that starts on a new line.
+    """
+    if "{answer}" not in answer_template:
+        raise ValueError(f"answer_template must contain '{{answer}}', got {answer_template!r}.")
+    dataset = prepare_cot_dataset(dataset)
+
+    def to_completion(row):
+        text = f"{row['reasoning']}\n{answer_template.format(answer=row['answer'])}"
+        if isinstance(row["prompt"], str):
+            return {"prompt": row["prompt"], "completion": "\n" + text}
+        return {"prompt": row["prompt"], "completion": [{"role": "assistant", "content": text}]}
+
+    return dataset.map(to_completion, remove_columns=dataset.column_names)
+
+
+def train_text_sft(
+    model_name_or_path: str,
+    train_dataset: datasets.Dataset,
+    args: SFTConfig,
+    answer_template: str = DEFAULT_ANSWER_TEMPLATE,
+    tokenizer=None,
+) -> str:
+    """Fine-tune a causal LM on `train_dataset` with the reasoning written as text; returns `args.output_dir`.
+
+    The model and its tokenizer are saved there, ready for `AutoModelForCausalLM.from_pretrained` (and for TRL's
+    `GRPOTrainer`). The whole model is trained unless `args` says otherwise (e.g. through a peft config).
+    """
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype="float32")
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=text_sft_dataset(train_dataset, answer_template),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    return args.output_dir
