@@ -217,6 +217,32 @@ def test_velocity_head_policy_leaves_the_answer_decoder_untouched(tmp_path):
             assert torch.equal(parameter, shared_before[name]), name
 
 
+@pytest.mark.parametrize("latent_policy_parameters", ["velocity_head", "reasoner"])
+def test_with_the_text_term_on_the_latent_loss_moves_only_the_parameters_of_its_policy(
+    tmp_path, latent_policy_parameters
+):
+    """text_policy_coef > 0 makes the shared parameters trainable (the text term trains them); the latent loss must
+    still move only the velocity head when latent_policy_parameters="velocity_head", and the shared ones too with
+    "reasoner"."""
+    model, tokenizer = make_model()
+    args = make_args(tmp_path, num_generations=4, per_device_train_batch_size=4, text_policy_coef=0.5,
+                     latent_policy_parameters=latent_policy_parameters)
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    batch = rollout(trainer, [PROMPTS[0]] * 4)
+    shared = model.shared_reasoner_parameters()
+    assert all(parameter.requires_grad for parameter in shared)  # the text term trains them
+    model.zero_grad(set_to_none=True)
+    log_probs = model(task="policy", denoising=trainer._denoising_inputs(batch))["denoising"]["log_probs"]
+    (batch["advantages"][:, None, None] * log_probs).sum().backward()  # the latent policy gradient alone
+    assert model.velocity_head.linear.weight.grad.abs().sum() > 0
+    shared_gradient = sum(p.grad.abs().sum().item() for p in shared if p.grad is not None)
+    if latent_policy_parameters == "velocity_head":
+        assert shared_gradient == 0.0
+    else:
+        assert shared_gradient > 0.0
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_a_step_without_advantages_moves_the_policy_only_by_the_configured_weight_decay(tmp_path, weight_decay):
     """A constant reward gives every latent a zero advantage, so the loss has no gradient: with weight_decay=0 the

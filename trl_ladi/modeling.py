@@ -549,6 +549,7 @@ class LaDiRModel(PreTrainedModel):
         answer_ids: torch.Tensor | None = None,
         answer_mask: torch.Tensor | None = None,
         drop_prompt: torch.Tensor | None = None,
+        detach_velocity_features: bool = False,
     ) -> dict:
         """One reasoner forward over whole traces: prompt, clean blocks, noisy block copies, answer.
 
@@ -659,7 +660,10 @@ class LaDiRModel(PreTrainedModel):
             start = clean_start + num_blocks * width
             noisy_hidden = hidden[:, start : start + num_noisy * noisy_width].view(batch, num_noisy, noisy_width, -1)
             time_embedding = noisy_time_embedding.view(batch, num_noisy, -1)
-            velocity = self.velocity_head(noisy_hidden[:, :, layout.latent_tokens], time_embedding)
+            features = noisy_hidden[:, :, layout.latent_tokens]
+            if detach_velocity_features:  # the velocity head alone learns from this velocity (see denoising_log_probs)
+                features, time_embedding = features.detach(), time_embedding.detach()
+            velocity = self.velocity_head(features, time_embedding)
             outputs["velocity"] = _float32_or_wider(velocity)
         if answer_length:
             outputs["answer_logits"] = _float32_or_wider(self._lm_logits(hidden[:, -answer_length - 1 : -1]))
@@ -771,6 +775,7 @@ class LaDiRModel(PreTrainedModel):
         step_indices,
         sde_noise_level: float,
         cfg_scale: float = 1.0,
+        detach_velocity_features: bool = False,
     ) -> dict:
         """Log-probabilities of recorded denoising transitions under the current weights.
 
@@ -778,7 +783,9 @@ class LaDiRModel(PreTrainedModel):
         :class:`~trl_ladi.pipeline.LatentTrace`; ``step_indices`` ``(B, S)`` picks which of the ``K`` steps of every
         block to score (the same subset for every block of a row). The step is :func:`trl_ladi.sampling.policy_step`,
         as in the sampler; with ``cfg_scale != 1`` every scored step is fed twice, with and without the prompt, so the
-        gradient reaches both velocities of the guided policy. Returns ``log_probs`` and ``means`` of shape
+        gradient reaches both velocities of the guided policy. ``detach_velocity_features=True`` stops the gradient at
+        the velocity head's input, so that only the head learns from these log-probabilities and the parameters it
+        shares with the answer decoder move only by the answer's own loss. Returns ``log_probs`` and ``means`` of shape
         ``(B, Bm, S)`` / ``(B, Bm, S, L, D)`` and ``stds`` ``(B, Bm, S)``.
         """
         batch, num_blocks = block_mask.shape
@@ -808,6 +815,7 @@ class LaDiRModel(PreTrainedModel):
             noisy_timesteps=noisy_timesteps,
             noisy_block_index=noisy_block_index,
             drop_prompt=drop_prompt,
+            detach_velocity_features=detach_velocity_features,
         )["velocity"]
         # one denoising step per row, (B * Bm * S, L, D), as the sampler's steps
         velocity, velocity_uncond = velocity.chunk(2, dim=1) if guided else (velocity, None)

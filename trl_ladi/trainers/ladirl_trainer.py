@@ -316,6 +316,9 @@ class LaDiRLTrainer(GRPOTrainer):
             "step_indices": inputs["step_indices"],
             "sde_noise_level": self.args.sde_noise_level,
             "cfg_scale": self.args.cfg_scale,
+            # velocity-head policy: the latent loss moves the head only, even when the text term trains the shared
+            # parameters (they are trainable then, and the velocity is computed from them)
+            "detach_velocity_features": self.args.latent_policy_parameters == "velocity_head",
         }
 
     def _answer_inputs(self, inputs: dict) -> dict:
