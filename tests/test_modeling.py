@@ -675,3 +675,25 @@ def test_auto_classes_load_a_saved_ladir_folder(tokenizer, tmp_path):
     assert type(loaded) is LaDiRModel
     for name, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[name]), name
+
+
+def test_velocity_head_starts_at_zero_and_a_saved_one_loads_its_values(tokenizer, tmp_path):
+    """DiT's zero init (docs/model.md): a fresh model predicts velocity 0; from_pretrained keeps the trained head."""
+    model = build(tokenizer, randomize=False)
+    head = model.velocity_head
+    for parameter in (*head.modulation[-1].parameters(), *head.linear.parameters()):
+        assert torch.count_nonzero(parameter) == 0
+    with torch.no_grad():
+        head.linear.weight.normal_()
+    model.save_pretrained(tmp_path)
+    loaded = LaDiRModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.velocity_head.linear.weight, head.linear.weight)
+
+
+def test_initial_latent_logvar_sets_the_posterior_variance_of_a_fresh_model(tokenizer):
+    model = build(tokenizer, randomize=False, initial_latent_logvar=-4.0)
+    sentence_ids, sentence_mask = prompts(tokenizer)
+    _, logvar = model.encode(sentence_ids, sentence_mask)
+    assert torch.allclose(logvar, torch.full_like(logvar, -4.0))
+    default_logvar = build(tokenizer, randomize=False).encode(sentence_ids, sentence_mask)[1]
+    assert not torch.allclose(default_logvar, torch.full_like(default_logvar, -4.0))  # None keeps torch's init

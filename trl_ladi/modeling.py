@@ -71,6 +71,11 @@ class LaDiRConfig(PretrainedConfig):
         initial_noise_scale (`float`, defaults to 2.0): std of the noise a block starts from (LaDiR: 2.0).
         sde_max_t (`float`, defaults to `sampling.SDE_MAX_T` = 0.9): cap on ``t`` inside the SDE noise level
             ``sqrt(t / (1 - t))``.
+        initial_latent_logvar (`float`, *optional*): the VAE posterior's log-variance at initialisation (its head
+            starts as this constant); ``None`` (default) keeps torch's init. With torch's init the posterior std of
+            SmolLM2-135M starts near 1.3 while the encoder's means differ between sentences by ~0.3, so the sampled
+            latent carries little and the decoder learns to read it slowly; with -4 (std 0.14) the VAE overfits 8
+            sentences in 100 steps (token accuracy 1.0, against 0.82 with torch's init; docs/sft.md).
         base_model_name_or_path (`str`, *optional*): the base LM's Hub id, when known (`from_base` records it). A local
             folder is never recorded: the config is what `push_to_hub` uploads, and a path of the machine that trained
             the model means nothing elsewhere (see `trl_ladi.default_model.base_model_hub_id`).
@@ -95,6 +100,7 @@ class LaDiRConfig(PretrainedConfig):
         timestep_shift: float = 1.0,
         initial_noise_scale: float = 2.0,
         sde_max_t: float = sampling.SDE_MAX_T,
+        initial_latent_logvar: float | None = None,
         base_model_name_or_path: str | None = None,
         **kwargs,
     ):
@@ -114,6 +120,7 @@ class LaDiRConfig(PretrainedConfig):
         self.timestep_shift = timestep_shift
         self.initial_noise_scale = initial_noise_scale
         self.sde_max_t = sde_max_t
+        self.initial_latent_logvar = initial_latent_logvar
         self.base_model_name_or_path = base_model_hub_id(base_model_name_or_path)
         if text_config is not None:  # the sub-config keeps where it was loaded from too: the same rule
             text_config.name_or_path = base_model_hub_id(text_config.name_or_path) or ""
@@ -305,6 +312,14 @@ class LaDiRModel(PreTrainedModel):
         self._active_adapter = None
         self._set_adapter(REASONER_ADAPTER)
         self.post_init()
+        # DiT: zero modulation and output, so the reasoner stage starts from a zero velocity
+        with torch.no_grad():
+            for parameter in (*self.velocity_head.modulation[-1].parameters(), *self.velocity_head.linear.parameters()):
+                parameter.zero_()
+            # a nearly deterministic posterior at first, so the decoder learns to read the latents (config docstring)
+            if config.initial_latent_logvar is not None:
+                self.latent_logvar_head.weight.zero_()
+                self.latent_logvar_head.bias.fill_(config.initial_latent_logvar)
         # The base LM's special tokens (GRPOTrainer writes pad/eos ids here too). An empty generation config would make
         # every trainer log that it "aligned" the tokenizer's ids into it.
         text_config = config.text_config
@@ -315,13 +330,9 @@ class LaDiRModel(PreTrainedModel):
         )
 
     def _init_weights(self, module):
-        # Only our own heads are initialised here; the base LM keeps its weights.
-        if module is self.velocity_head:
-            # DiT: zero modulation and output, so training starts from a zero velocity.
-            nn.init.zeros_(module.modulation[-1].weight)
-            nn.init.zeros_(module.modulation[-1].bias)
-            nn.init.zeros_(module.linear.weight)
-            nn.init.zeros_(module.linear.bias)
+        # Nothing here: the base LM keeps its pretrained weights and our heads keep torch's defaults, except the
+        # velocity head, which __init__ zeroes (transformers 5 marks submodules initialised before this would see them).
+        pass
 
     # ------------------------------------------------------------------ construction
 
