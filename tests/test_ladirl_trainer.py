@@ -501,7 +501,9 @@ def test_checkpoint_saves_and_resumes(tmp_path):
         (dict(latent_utility="median"), "latent_utility"),
         (dict(latent_policy_parameters="everything"), "latent_policy_parameters"),
         (dict(train_timestep_fraction=0.0), "train_timestep_fraction"),
-        (dict(entropy_coef=0.1), "entropy_coef"),
+        (dict(entropy_coef=0.1), "entropy_coef.*SDE noise schedule"),
+        (dict(mask_truncated_completions=True), "mask_truncated_completions.*reward function"),
+        (dict(sync_ref_model=True), "sync_ref_model.*frozen copy"),
     ],
 )
 def test_incompatible_config_values_fail_with_a_message(tmp_path, overrides, message):

@@ -156,19 +156,27 @@ class LaDiRLConfig(GRPOConfig):
                 "LaDiRLTrainer supports multi_objective_aggregation='sum_then_normalize' only: the weighted sum of the "
                 "reward functions is averaged into the latent utility before the group normalisation."
             )
-        unsupported = {
-            "top_entropy_quantile": self.top_entropy_quantile != 1.0,
-            "entropy_coef": self.entropy_coef != 0.0,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
-            "mask_truncated_completions": self.mask_truncated_completions,
-            "sync_ref_model": self.sync_ref_model,
+        entropy_reason = (
+            "the Gaussian latent policy's entropy is set by the SDE noise schedule, not by the weights, so an entropy "
+            "term has nothing to act on (latent diversity is logged instead)"
+        )
+        unsupported = {  # option -> (is set, why LaDi-RL does not implement it)
+            "top_entropy_quantile": (self.top_entropy_quantile != 1.0, entropy_reason),
+            "entropy_coef": (self.entropy_coef != 0.0, entropy_reason),
+            "use_adaptive_entropy": (self.use_adaptive_entropy, entropy_reason),
+            "mask_truncated_completions": (
+                self.mask_truncated_completions,
+                "a truncated answer still scores its latent; give truncated answers the reward you want in the reward "
+                "function, or raise max_completion_length",
+            ),
+            "sync_ref_model": (
+                self.sync_ref_model,
+                "the reference denoiser is a frozen copy of the velocity head taken at the start, never synced",
+            ),
         }
-        for name, is_set in unsupported.items():
+        for name, (is_set, reason) in unsupported.items():
             if is_set:
-                raise ValueError(
-                    f"`{name}` is a token-policy option of GRPO that LaDiRLTrainer does not implement; leave it at "
-                    "its default. (The Gaussian latent policy has a fixed entropy; latent diversity is logged.)"
-                )
+                raise ValueError(f"`{name}` is not supported by LaDiRLTrainer: {reason}. Leave it at its default.")
         local_generation_batch = self.generation_batch_size // max(self.world_size, 1)
         if self.diversity_guidance_scale > 0 and local_generation_batch % self.num_generations:
             raise ValueError(
