@@ -153,12 +153,12 @@ class LaDiRLTrainer(GRPOTrainer):
         velocity_head, shared = self._trained_parameters(ladir, self.args)
         optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, ladir)
         optimizer_kwargs.pop("lr", None)
-        # weight_decay is set per group: the optimizer's own default (AdamW: 0.01) must not replace the config's
+        # the Trainer passes weight_decay through its parameter groups, not these kwargs: without it here the
+        # optimizer's own default (AdamW: 0.01) would replace the config's
+        optimizer_kwargs["weight_decay"] = self.args.weight_decay
         groups = [
-            {"params": velocity_head, "lr": self.args.denoiser_learning_rate or self.args.learning_rate,
-             "weight_decay": self.args.weight_decay},
-            {"params": shared, "lr": self.args.text_policy_learning_rate or self.args.learning_rate,
-             "weight_decay": self.args.weight_decay},
+            {"params": velocity_head, "lr": self.args.denoiser_learning_rate or self.args.learning_rate},
+            {"params": shared, "lr": self.args.text_policy_learning_rate or self.args.learning_rate},
         ]
         self.optimizer = optimizer_class([group for group in groups if group["params"]], **optimizer_kwargs)
         return self.optimizer
