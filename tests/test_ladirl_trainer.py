@@ -133,20 +133,26 @@ def test_unscorable_answers_are_ignored_in_the_utility(tmp_path):
     torch.testing.assert_close(output["advantages"], torch.tensor([-1.0, 1.0, -1.0, 1.0]))
 
 
-def test_text_policy_advantages_compare_answers_of_the_same_latent(tmp_path):
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_text_policy_advantages_compare_answers_of_the_same_latent(tmp_path, scale_rewards):
     model, tokenizer = make_model()
 
     def scripted_reward(completions, **kwargs):
-        return [float(i % 4) for i in range(len(completions))]
+        return [float(i % 4) + (i // 4) * (i // 4) for i in range(len(completions))]
 
     args = make_args(tmp_path, num_generations=2, num_decodes_per_latent=4, per_device_train_batch_size=4,
-                     text_policy_coef=1.0)
+                     text_policy_coef=1.0, scale_rewards=scale_rewards)
     trainer = LaDiRLTrainer(model=model, reward_funcs=scripted_reward, args=args,
                             train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
     output = rollout(trainer, [p for p in PROMPTS[:2] for _ in range(2)])
-    rewards = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
-    torch.testing.assert_close(output["text_advantages"], expected.expand(4, -1), rtol=1e-5, atol=1e-5)
+    # latent i's answers score i^2 + (0, 1, 2, 3): the same spread within every latent, different means
+    rewards = torch.arange(4.0)[None, :] + torch.arange(4.0)[:, None] ** 2
+    expected = rewards - rewards.mean(1, keepdim=True)
+    if scale_rewards == "group":  # the group of an answer: the answers of its latent
+        expected = expected / (rewards.std(1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":  # GRPO's batch scaling: the std of every reward in the batch
+        expected = expected / (rewards.std() + 1e-4)
+    torch.testing.assert_close(output["text_advantages"], expected, rtol=1e-5, atol=1e-5)
     assert output["completion_ids"].shape[:2] == (4, 4) and output["completion_mask"].shape[:2] == (4, 4)
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer._compute_loss(trainer.model, output)
@@ -256,6 +262,97 @@ def test_a_step_without_advantages_moves_the_policy_only_by_the_configured_weigh
     assert all(group["weight_decay"] == weight_decay for group in trainer.optimizer.param_groups)
     expected = head_before * (1 - args.learning_rate * weight_decay)  # decoupled decay, scheduler at its first lr
     assert torch.allclose(model.velocity_head.linear.weight, expected, atol=1e-7, rtol=0)
+
+
+def crafted_rollout(trainer, log_ratio, advantage):
+    """A real rollout whose recorded old log-probs are the current ones minus ``log_ratio`` and whose advantages are
+    all ``advantage``: every unit of the latent loss then has the ratio ``exp(log_ratio)``."""
+    batch = rollout(trainer, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2)
+    with torch.no_grad():
+        log_probs = trainer.model.denoising_log_probs(**trainer._denoising_inputs(batch))["log_probs"]
+    batch["old_log_probs"] = log_probs - log_ratio
+    batch["advantages"] = torch.full_like(batch["advantages"], advantage)
+    trainer.current_gradient_accumulation_steps = 1
+    return batch
+
+
+@pytest.mark.parametrize(
+    "overrides, log_ratio, advantage, expected_loss, clipped_low, clipped_high",
+    [
+        # A < 0 and rho = e^2: -min(rho A, clip(rho) A) = rho = 7.389; the high clip does not bind when A < 0
+        (dict(), 2.0, -1.0, 7.389, 0.0, 0.0),
+        (dict(delta=2.0), 2.0, -1.0, 2.0, 0.0, 0.0),  # GRPO's two-sided clip caps the unclipped ratio at delta
+        (dict(), 2.0, 1.0, -1.2, 0.0, 1.0),  # A > 0: the high clip binds, -(1 + eps_high) A
+        (dict(), -1.0, -1.0, 0.8, 1.0, 0.0),  # A < 0, rho = e^-1 < 1 - eps_low: the low clip binds
+        # the off-policy mask drops a trace with A < 0 whose mean log(pi_old / pi_theta) = 1 exceeds the threshold
+        (dict(off_policy_mask_threshold=0.5), -1.0, -1.0, 0.0, 1.0, 0.0),
+        (dict(off_policy_mask_threshold=1.5), -1.0, -1.0, 0.8, 1.0, 0.0),
+        (dict(off_policy_mask_threshold=0.5), -1.0, 1.0, -1 * 0.368, 0.0, 0.0),  # A >= 0 is always kept
+    ],
+)
+def test_grpo_clip_options_keep_their_meaning_on_the_denoising_steps(
+    tmp_path, overrides, log_ratio, advantage, expected_loss, clipped_low, clipped_high
+):
+    model, tokenizer = make_model()
+    args = make_args(tmp_path, loss_type="grpo", latent_kl_beta=0.0, **overrides)
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    batch = crafted_rollout(trainer, log_ratio, advantage)
+    loss = trainer._compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-3)
+    metrics = trainer._metrics["train"]
+    assert metrics["clip_ratio/low_mean"][-1] == pytest.approx(clipped_low)
+    assert metrics["clip_ratio/high_mean"][-1] == pytest.approx(clipped_high)
+    assert metrics["clip_ratio/region_mean"][-1] == pytest.approx(max(clipped_low, clipped_high))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
+def test_each_loss_type_normalises_the_denoising_steps_as_grpo_normalises_tokens(tmp_path, loss_type):
+    """Traces of 2 and 1 blocks, 4 denoising steps each: GRPO's normalisations, with (block, step) for token."""
+    model, tokenizer = make_model()
+    importance_sampling_level = "sequence" if loss_type == "luspo" else "token"
+    args = make_args(tmp_path, loss_type=loss_type, latent_kl_beta=0.0,
+                     importance_sampling_level=importance_sampling_level)
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    batch = crafted_rollout(trainer, 0.0, 1.0)  # ratio 1: every unit's loss is -A
+    # the generation batch's units (dapo's normaliser): its real blocks x trained steps, counted by the rollout
+    num_steps = batch["step_indices"].shape[1]
+    assert batch["num_items_in_batch"].item() == batch["block_mask"].sum().item() * num_steps
+    batch["block_mask"] = torch.tensor([[True, True], [True, False], [True, True], [True, False]])
+    batch["num_items_in_batch"] = torch.tensor(6.0 * num_steps)
+    advantages = torch.tensor([1.0, 2.0, -1.0, 4.0])
+    batch["advantages"] = advantages
+    units = torch.tensor([2.0, 1.0, 2.0, 1.0]) * num_steps  # real (block, step) units per trace
+    unit_loss_sum = (-advantages * units).sum()
+    expected = {
+        "grpo": (-advantages).mean(),  # mean over a trace's units, then over traces
+        "bnpo": unit_loss_sum / units.sum(),  # mean over the batch's units
+        "dr_grpo": unit_loss_sum / (4 * 2 * num_steps),  # / (rows * max blocks * steps)
+        "dapo": unit_loss_sum / (6.0 * num_steps),  # / units of the generation batch
+        "luspo": (-advantages * units).mean(),  # sum over a trace's units, mean over traces
+    }[loss_type]
+    loss = trainer._compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("use_bias_correction_kl", [False, True])
+def test_bias_corrected_kl_is_the_kl_reweighted_by_the_ratio(tmp_path, use_bias_correction_kl):
+    model, tokenizer = make_model()
+    args = make_args(tmp_path, latent_kl_beta=0.1, use_bias_correction_kl=use_bias_correction_kl)
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    batch = crafted_rollout(trainer, 0.5, 0.0)  # A = 0: the loss is the KL term alone
+    with torch.no_grad():
+        outputs = trainer.model.denoising_log_probs(**trainer._denoising_inputs(batch))
+    batch["ref_means"] = outputs["means"] + 0.01
+    # ||mu - mu_ref||^2 / (2 std^2) per step, independent of the trainer's code
+    kl = (0.01**2 * outputs["means"][0, 0, 0].numel()) / (2 * outputs["stds"] ** 2)
+    kl = kl * (torch.exp(torch.tensor(0.5)) if use_bias_correction_kl else 1.0)
+    step_mask = batch["block_mask"][:, :, None].expand_as(kl)
+    expected = kl[step_mask].mean()  # over the real blocks' steps
+    trainer._compute_loss(trainer.model, batch)
+    assert trainer._metrics["train"]["latent_kl"][-1] == pytest.approx(expected.item(), rel=1e-4)
 
 
 # The tiny model's answer decoder can not be sharp at temperature 1: its tied LM head is frozen and reads an RMS-normed
@@ -433,6 +530,9 @@ def test_metrics_and_completions_table(tmp_path):
                 "entropy", "clip_ratio/region_mean", "approx_kl", "time/denoising", "time/decoding", "time/scoring"):
         assert key in logged, key
     assert 0 <= logged["decode_agreement"] <= 1 and logged["latent_diversity"] > 0
+    # the sampler's log-probs against the loss's recomputation, at the weights that sampled (float32)
+    assert logged["sampler_log_prob_gap"] < 1e-4
+    assert logged["clip_ratio/low_mean"] == logged["clip_ratio/high_mean"] == 0.0  # ratio 1 on the first pass
     assert 1 <= logged["distinct_answers_per_prompt"] <= 8
     columns = [trainer._logs["prompt"], trainer._logs["completion"], trainer._logs["advantages"],
                trainer._logs["extra"]["latent (first block)"], trainer._logs["rewards"]["digit_fraction_reward"]]
@@ -504,6 +604,17 @@ def test_checkpoint_saves_and_resumes(tmp_path):
         (dict(entropy_coef=0.1), "entropy_coef.*SDE noise schedule"),
         (dict(mask_truncated_completions=True), "mask_truncated_completions.*reward function"),
         (dict(sync_ref_model=True), "sync_ref_model.*frozen copy"),
+        (dict(top_p=0.9), "top_p.*temperature"),
+        (dict(top_k=50), "top_k.*temperature"),
+        (dict(repetition_penalty=1.1), "repetition_penalty.*temperature"),
+        (dict(generation_kwargs={"num_beams": 2}), "generation_kwargs.*temperature"),
+        (dict(pad_to_multiple_of=8), "pad_to_multiple_of.*left-padded"),
+        (dict(chat_template_kwargs={"enable_thinking": False}), "chat_template_kwargs.*chat template"),
+        (dict(model_init_kwargs={"dtype": "bfloat16"}), "model_init_kwargs.*from_pretrained"),
+        (dict(trust_remote_code=True), "trust_remote_code.*never runs code"),
+        (dict(cast_lm_head_to_fp32=True), "cast_lm_head_to_fp32.*float32"),
+        (dict(router_aux_loss_coef=0.01), "router_aux_loss_coef.*dense"),
+        (dict(max_tool_calling_iterations=2), "max_tool_calling_iterations.*tool"),
     ],
 )
 def test_incompatible_config_values_fail_with_a_message(tmp_path, overrides, message):

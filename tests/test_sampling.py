@@ -182,7 +182,59 @@ def test_sde_without_the_drift_correction_would_miss_the_marginals(statistical_s
     margin.check("|std - s| without the drift", abs(z.std().item() - s), 0.05, ">", scale=s / math.sqrt(2 * n))
 
 
+@pytest.mark.statistical
+def test_initial_noise_scale_widens_the_ode_but_the_sde_pulls_the_spread_back(statistical_seed, margin):
+    """docs/ladirl.md's claim: exploration under the SDE policy is `sde_noise_level`'s. Starting from noise of std 2
+    instead of 1 doubles the ODE's final spread (its flow is linear here) but barely changes the SDE's at the RL
+    defaults (6 steps, a = 0.7), because the drift that keeps the marginals pulls the extra spread back."""
+    m, s, n = 1.5, 0.5, 40_000
+    timesteps = sampling.flow_matching_timesteps(6).double()
+
+    def final_std(noise_level, initial_noise_scale, seed):
+        generator = _generator(seed)
+        z = initial_noise_scale * torch.randn(n, 1, dtype=torch.float64, generator=generator)
+        for k in range(6):
+            t, t_next = timesteps[k], timesteps[k + 1]
+            z = sampling.sde_step(z, _gaussian_velocity(z, t, m, s), t, t_next, noise_level, 0.9, generator=generator).sample
+        return z.std().item()
+
+    seed = 21 + statistical_seed
+    ode_ratio = final_std(0.0, 2.0, seed) / final_std(0.0, 1.0, seed)
+    sde_ratio = final_std(0.7, 2.0, seed) / final_std(0.7, 1.0, seed)
+    # measured (seed 0): ODE 0.782 / 0.391 = 2.0, SDE 0.487 / 0.468 = 1.04; a ratio's sampling error is ~0.01
+    margin.check("ODE spread ratio (start std 2 vs 1)", ode_ratio, 1.9, ">", scale=0.01)
+    margin.check("SDE spread ratio (start std 2 vs 1)", sde_ratio, 1.15, "<", scale=0.01)
+
+
 # ------------------------------------------------------------------ guidance
+
+
+def test_diversity_guidance_has_a_dimension_free_size_in_high_dimensions():
+    """In 512 dimensions every pairwise distance is near the median h, where LaDiR's kernel weight vanishes, so the
+    raw force is tiny; normalised, the offset's size per number is g * t * d whatever the dimension."""
+    latents = torch.randn(8, 4, 128, generator=_generator(25))  # a group of 8 latents of L x D = 512 numbers
+    raw = sampling.repulsive_force(latents, 8)
+    guidance = sampling.diversity_guidance(latents, 8, 1.0, 5 / 6, guidance_scale=0.5)
+    assert raw.pow(2).mean().sqrt() < 0.5  # the raw force against latents of size 1 per number
+    assert guidance.pow(2).mean().sqrt().item() == pytest.approx(0.5 * 1.0 / 6, rel=1e-4)
+    # the direction is still the kernel's: each row's offset is parallel to its raw force
+    cosine = torch.nn.functional.cosine_similarity(guidance.flatten(1), raw.flatten(1), dim=1)
+    torch.testing.assert_close(cosine, torch.ones(8), rtol=0, atol=1e-5)
+
+
+def test_stopped_rows_neither_repel_nor_are_repelled():
+    latents = torch.randn(5, 2, 3, generator=_generator(26))
+    active = torch.tensor([True, True, False, True, True])
+    force = sampling.repulsive_force(latents, 5, active)
+    assert torch.equal(force[2], torch.zeros_like(force[2]))
+    # the active rows feel exactly the force of the group without the stopped row
+    torch.testing.assert_close(force[active], sampling.repulsive_force(latents[active], 4), rtol=1e-5, atol=1e-6)
+    guidance = sampling.diversity_guidance(latents, 5, 0.9, 0.8, 1.0, active=active)
+    assert torch.equal(guidance[2], torch.zeros_like(guidance[2]))
+    torch.testing.assert_close(guidance[active], sampling.diversity_guidance(latents[active], 4, 0.9, 0.8, 1.0))
+    # with fewer than three active rows there is no guidance (a pair sits at r = h, where the force is zero)
+    two = torch.tensor([True, False, False, True, False])
+    assert torch.equal(sampling.diversity_guidance(latents, 5, 0.9, 0.8, 1.0, active=two), torch.zeros_like(latents))
 
 
 def test_classifier_free_guidance_formula():
@@ -248,7 +300,10 @@ def test_diversity_guidance_pushes_close_latents_apart():
     latents = torch.tensor([[0.0, 0.0], [0.1, 0.05], [1.0, -0.4], [-0.8, 0.6]])
     t, t_next = torch.full((4,), 0.9), torch.full((4,), 0.8)
     guidance = sampling.diversity_guidance(latents, 4, t, t_next, guidance_scale=2.0)
-    torch.testing.assert_close(guidance, 2.0 * 0.9 * 0.1 * sampling.repulsive_force(latents, 4), rtol=1e-5, atol=1e-7)
+    force = sampling.repulsive_force(latents, 4)
+    # the force normalised to a root mean square of 1 over the group's numbers, times d * g * t
+    torch.testing.assert_close(guidance, 2.0 * 0.9 * 0.1 * force / force.pow(2).mean().sqrt(), rtol=1e-5, atol=1e-7)
+    assert guidance.pow(2).mean().sqrt().item() == pytest.approx(2.0 * 0.9 * 0.1, rel=1e-5)
     # a guided step with no velocity moves only by the guidance
     stepped = sampling.sde_step(latents, torch.zeros_like(latents), t, t_next, 0.0, mean_offset=guidance).sample
     before, after = torch.linalg.norm(latents[0] - latents[1]), torch.linalg.norm(stepped[0] - stepped[1])

@@ -520,8 +520,9 @@ class LaDiRModel(PreTrainedModel):
         token_loss = F.cross_entropy(logits.transpose(1, 2), target_ids, reduction="none")
         mask = target_mask.float()
         reconstruction_loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)
-        # KL(q(z|x) || N(0, I)), summed over the latent numbers and averaged over sentences
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(-1).mean()
+        # KL(q(z|x) || N(0, I)) per latent number: averaged over the L x D numbers and the sentences, as LaDiR's
+        # reference code does, so that its beta (1e-5) means the same here (a sum over L x D would be L x D times it)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
         token_accuracy = ((logits.argmax(-1) == target_ids).float() * mask).sum() / mask.sum().clamp(min=1)
         return {
             "loss": reconstruction_loss + kl_weight * kl,

@@ -214,7 +214,9 @@ class LaDiRPipeline:
                 velocity = model.denoising_velocity(context, z, t)
                 velocity_uncond = model.denoising_velocity(context, z, t, see_prompt=False) if cfg_scale != 1.0 else None
                 # the repulsion among a prompt's latents depends on z alone, not on the weights: stored with the step
-                offset = sampling.diversity_guidance(z, latent_group_size, t, t_next, diversity_guidance_scale)
+                offset = sampling.diversity_guidance(
+                    z, latent_group_size, t, t_next, diversity_guidance_scale, active=block_mask[-1]
+                )
                 step_output = sampling.sde_step(
                     z,
                     velocity,

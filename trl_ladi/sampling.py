@@ -156,39 +156,64 @@ def classifier_free_guidance(velocity_cond: torch.Tensor, velocity_uncond: torch
     return velocity_uncond + cfg_scale * (velocity_cond - velocity_uncond)
 
 
-def repulsive_force(latents: torch.Tensor, group_size: int) -> torch.Tensor:
+def repulsive_force(latents: torch.Tensor, group_size: int, active: torch.Tensor | None = None) -> torch.Tensor:
     """LaDiR's repulsive diversity force among the ``group_size`` latents of each prompt.
 
     ``F(z_i) = sum_j 2 (1 - |z_i - z_j|^2 / h^2) exp(-|z_i - z_j|^2 / h^2) (z_i - z_j)`` with ``h`` the median
     pairwise distance in the group. Rows are grouped consecutively: ``latents`` is ``(num_prompts * group_size, ...)``.
+    Rows with ``active = False`` (traces that already stopped) neither feel nor exert a force, and do not count in
+    ``h``.
     """
     if group_size < 2:
         return torch.zeros_like(latents)
     flat = latents.reshape(-1, group_size, latents[0].numel()).float()  # (prompts, G, dims)
+    if active is None:
+        active = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
+    active = active.reshape(-1, group_size)
+    pair_active = active[:, :, None] & active[:, None, :]  # (prompts, G, G)
     differences = flat[:, :, None, :] - flat[:, None, :, :]  # z_i - z_j, (prompts, G, G, dims)
     squared_distances = differences.pow(2).sum(-1)  # (prompts, G, G)
     upper = torch.triu_indices(group_size, group_size, offset=1)
-    bandwidth_squared = squared_distances[:, upper[0], upper[1]].sqrt().median(dim=1).values.pow(2).clamp(min=1e-12)
+    pair_distances = squared_distances[:, upper[0], upper[1]].sqrt()
+    pair_distances = pair_distances.masked_fill(~pair_active[:, upper[0], upper[1]], float("nan"))
+    bandwidth_squared = pair_distances.nanmedian(dim=1).values.nan_to_num(1.0).pow(2).clamp(min=1e-12)
     scaled = squared_distances / bandwidth_squared[:, None, None]
-    weights = 2 * (1 - scaled) * torch.exp(-scaled)  # the diagonal has z_i - z_i = 0, so it adds nothing
+    weights = 2 * (1 - scaled) * torch.exp(-scaled) * pair_active  # the diagonal has z_i - z_i = 0: adds nothing
     force = (weights[..., None] * differences).sum(2)
     return force.reshape(latents.shape).to(latents.dtype)
 
 
 def diversity_guidance(
-    latents: torch.Tensor, group_size: int, t: torch.Tensor, t_next: torch.Tensor, guidance_scale: float
+    latents: torch.Tensor,
+    group_size: int,
+    t: torch.Tensor,
+    t_next: torch.Tensor,
+    guidance_scale: float,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Offset to the step's mean from the repulsive force, with strength ``gamma_t = guidance_scale * t``.
+    """Offset to the step's mean from the repulsive force, ``d * guidance_scale * t * F / rms(F)``.
 
-    In velocity form LaDiR adds ``gamma_t F`` to the denoiser's prediction; a step of size ``d`` moves the sample by
-    ``d gamma_t F`` away from its neighbours. Strong early (``t`` near 1), vanishing at the clean end.
+    In velocity form LaDiR adds ``gamma_t F`` (``gamma_t = guidance_scale * t``) to the denoiser's prediction, so a
+    step of size ``d`` moves the sample by ``d gamma_t F``: strong early, vanishing at the clean end. The force is
+    divided by its root mean square over the group's active rows and numbers: in hundreds of dimensions every
+    pairwise distance is close to the median ``h``, where the kernel's weight vanishes, so the raw force is tiny
+    and its size depends on the dimension. Normalised, ``guidance_scale`` is the displacement per unit of
+    ``d * t`` of a typical latent number, while the kernel still decides who is pushed where.
     """
-    if guidance_scale == 0:
+    if guidance_scale == 0 or group_size < 2:
         return torch.zeros_like(latents)
     t = _as_batch(t, latents)
     t_next = _as_batch(t_next, latents)
+    force = repulsive_force(latents, group_size, active).float()
+    grouped = force.reshape(-1, group_size, force[0].numel())
+    num_active = torch.ones(force.shape[0], device=force.device) if active is None else active.float()
+    active_rows = num_active.reshape(-1, group_size).sum(1)
+    rms = (grouped.pow(2).sum((1, 2)) / (active_rows.clamp(min=1) * force[0].numel())).sqrt().clamp(min=1e-12)
+    # two latents sit at r = h, where the force is zero up to rounding: a group needs 3 active rows to be guided
+    normalised = grouped / rms[:, None, None] * (active_rows >= 3)[:, None, None]
+    normalised = normalised.reshape(force.shape).to(latents.dtype)
     strength = _expand_like(guidance_scale * t * (t - t_next), latents)
-    return strength * repulsive_force(latents, group_size)
+    return strength * normalised
 
 
 def _as_batch(t, like: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,14 @@ class LaDiRLConfig(GRPOConfig):
     `num_decodes_per_latent` (`M`) answers. The GRPO group is the `N` latents of a prompt, and a latent's reward is
     the `latent_utility` of its `M` answers' rewards.
 
-    GRPO fields with the same meaning here: `epsilon`/`epsilon_high` (the clip of the per-step ratio),
-    `scale_rewards`, `reward_weights`, `num_iterations`, `steps_per_generation`, `max_completion_length`,
-    `temperature` (of the answer decoder), `importance_sampling_level` (`"token"`: one ratio per denoising step,
-    `"sequence"`: one per trace). `beta` is read as `latent_kl_beta` when that is not set, so a GRPO script keeps
-    its KL setting.
+    GRPO fields with the same meaning here: `epsilon`/`epsilon_high` (the clip of the per-step ratio; a step's
+    log-probability is that of a whole L x D latent block, so the ratio is ~L x D times more sensitive than a
+    per-number one), `delta`, `loss_type` (with a (block, denoising step) of a trace in the role of a token),
+    `off_policy_mask_threshold`, `use_bias_correction_kl`, `scale_rewards`, `reward_weights`, `num_iterations`,
+    `steps_per_generation`, `max_completion_length`, `temperature` (of the answer decoder), `importance_sampling_level`
+    (`"token"`: one ratio per denoising step, `"sequence"`: one per trace). `beta` is read as `latent_kl_beta` when that
+    is not set, so a GRPO script keeps its KL setting. Options LaDi-RL does not implement are rejected with the reason
+    (docs/ladirl.md lists every field).
     """
 
     num_decodes_per_latent: int = field(
@@ -50,12 +53,15 @@ class LaDiRLConfig(GRPOConfig):
     initial_noise_scale: float | None = field(
         default=None,
         metadata={"help": "Std of the noise each latent block starts from. Defaults to the model config's value "
-                  "(LaDiR: 2.0)."},
+                  "(LaDiR: 2.0). Under the SDE the drift pulls extra starting noise back in, so exploration in RL is "
+                  "`sde_noise_level`'s (docs/ladirl.md)."},
     )
     diversity_guidance_scale: float = field(
         default=0.0,
-        metadata={"help": "Strength `gamma_max` of LaDiR's repulsive guidance among the `N` latents of a prompt "
-                  "(decays with t; LaDiR found 0.3-0.5 best). The guidance is stored so log-probabilities stay exact."},
+        metadata={"help": "Strength `g` of LaDiR's repulsive guidance among the `N` latents of a prompt: each step's "
+                  "mean moves by `d g t F / rms(F)` (the force normalised over the group, so `g` is a displacement per "
+                  "latent number per unit of `d t`; decays with t). Needs N >= 3. The guidance is stored so "
+                  "log-probabilities stay exact."},
     )
     cfg_scale: float = field(
         default=1.0,
@@ -75,7 +81,8 @@ class LaDiRLConfig(GRPOConfig):
     latent_kl_beta: float | None = field(
         default=None,
         metadata={"help": "Weight of the KL between the denoiser's Gaussian steps and a frozen reference denoiser, "
-                  "`||mu_theta - mu_ref||^2 / (2 std^2)` per step. Defaults to `beta`."},
+                  "`||mu_theta - mu_ref||^2 / (2 std^2)` per step, summed over the block's L x D latent numbers (so "
+                  "~L x D times stronger than a per-number beta). Defaults to `beta`."},
     )
     latent_policy_parameters: str = field(
         default="velocity_head",
@@ -174,6 +181,49 @@ class LaDiRLConfig(GRPOConfig):
                 "the reference denoiser is a frozen copy of the velocity head taken at the start, never synced",
             ),
         }
+        decoder_reason = (
+            "the answer decoder samples with `temperature` alone (LaDiRPipeline.decode_answers), from a latent prefix, "
+            "not through `generate`"
+        )
+        unsupported.update({
+            "top_p": (self.top_p != 1.0, decoder_reason),
+            "top_k": (self.top_k not in (0, None), decoder_reason),
+            "min_p": (self.min_p is not None, decoder_reason),
+            "repetition_penalty": (self.repetition_penalty != 1.0, decoder_reason),
+            "generation_kwargs": (bool(self.generation_kwargs), decoder_reason),
+            "cache_implementation": (self.cache_implementation is not None, decoder_reason),
+            "use_transformers_paged": (self.use_transformers_paged, decoder_reason),
+            "use_transformers_continuous_batching": (self.use_transformers_continuous_batching, decoder_reason),
+            "pad_to_multiple_of": (
+                self.pad_to_multiple_of is not None,
+                "prompts are left-padded to the longest prompt of the batch (trl_ladi.modeling.tokenize_prompts)",
+            ),
+            "chat_template_kwargs": (
+                bool(self.chat_template_kwargs),
+                "conversational prompts are rendered with the tokenizer's chat template as it is; edit the template",
+            ),
+            "model_init_kwargs": (
+                bool(self.model_init_kwargs),
+                "a model given as a path is loaded with `LaDiRModel.from_pretrained(path)`; load it yourself with the "
+                "options you need and pass the model",
+            ),
+            "trust_remote_code": (
+                self.trust_remote_code,
+                "LaDiRModel never runs code from a model folder (its classes are this package's)",
+            ),
+            "cast_lm_head_to_fp32": (
+                self.cast_lm_head_to_fp32,
+                "LaDiRModel computes answer logits in float32 and denoising log-probabilities in float64 already",
+            ),
+            "router_aux_loss_coef": (
+                self.router_aux_loss_coef is not None,
+                "LaDiRModel supports dense bases (Llama, Qwen2, Qwen3, Mistral), which have no router loss",
+            ),
+            "max_tool_calling_iterations": (
+                self.max_tool_calling_iterations is not None,
+                "answers are decoded from latents in one pass, without tool calls",
+            ),
+        })
         for name, (is_set, reason) in unsupported.items():
             if is_set:
                 raise ValueError(f"`{name}` is not supported by LaDiRLTrainer: {reason}. Leave it at its default.")

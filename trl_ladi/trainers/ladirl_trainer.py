@@ -117,6 +117,7 @@ class LaDiRLTrainer(GRPOTrainer):
         args.beta = beta
         self.latent_kl_beta = latent_kl_beta
         self.num_decodes_per_latent = args.num_decodes_per_latent
+        self._max_latent_blocks = args.max_latent_blocks or model.config.max_blocks  # dr_grpo's constant normaliser
         self.ref_denoiser = None
         if reference is not None:
             if self.is_deepspeed_enabled:
@@ -219,6 +220,10 @@ class LaDiRLTrainer(GRPOTrainer):
                 block_mask=trace.block_mask,
                 step_indices=self._sample_step_indices(batch, trace.step_log_probs.shape[2]),
             )
+            num_blocks = trace.block_mask.shape[1]
+            output["sampler_log_probs"] = trace.step_log_probs.gather(
+                2, output["step_indices"][:, None, :].expand(-1, num_blocks, -1)
+            )
             completion_tensors = [torch.tensor(ids, device=device) for ids in samples.completion_ids]
             completion_ids = pad(completion_tensors, padding_value=self.processing_class.pad_token_id, padding_side="right")
             completion_mask = pad([torch.ones_like(ids) for ids in completion_tensors], padding_value=0, padding_side="right")
@@ -286,15 +291,22 @@ class LaDiRLTrainer(GRPOTrainer):
             # 7. text advantage: an answer against the other answers of the same latent
             local_rewards = rewards_per_latent[process_slice]
             text_advantages = local_rewards - torch.nanmean(local_rewards, dim=1, keepdim=True)
-            if self.scale_rewards != "none":
+            if self.scale_rewards == "group":  # the group of an answer is the M answers of its latent
                 text_advantages = text_advantages / (nanstd(local_rewards, dim=1).unsqueeze(1) + ADVANTAGE_EPS)
+            elif self.scale_rewards == "batch":
+                text_advantages = text_advantages / (nanstd(rewards_per_latent) + ADVANTAGE_EPS)
             output["text_advantages"] = torch.nan_to_num(text_advantages, nan=0.0)
 
         self._log_rollout(
             mode, inputs, prompts, completions, completion_texts, completion_mask, rewards_per_func, rewards, utility,
             group_std, all_advantages, samples, latent_texts, num_latents, scoring_seconds,
         )
-        output["num_items_in_batch"] = torch.tensor(float(batch * self.accelerator.num_processes), device=device)
+        # the units the "dapo" loss divides by, over the whole generation batch: trained (block, step) pairs of the
+        # traces, and answer tokens
+        num_trained_steps = output["step_indices"].shape[1]
+        output["num_items_in_batch"] = self.accelerator.gather(trace.block_mask.sum() * num_trained_steps).sum().float()
+        if args.text_policy_coef > 0:
+            output["num_text_items_in_batch"] = self.accelerator.gather(completion_mask.sum()).sum().float()
         return output
 
     def _sample_step_indices(self, batch: int, num_steps: int) -> torch.Tensor:
@@ -334,12 +346,44 @@ class LaDiRLTrainer(GRPOTrainer):
             "temperature": self.temperature,
         }
 
-    def _clipped_objective(self, log_ratio: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """PPO's ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` and whether the clip was active."""
+    def _clipped_objective(
+        self, log_ratio: torch.Tensor, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PPO's ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)``, with GRPO's `delta` (``rho`` capped at delta
+        in the unclipped term, the two-sided clip), and where the clip binds: low (``rho < 1 - eps_low``, ``A < 0``)
+        and high (``rho > 1 + eps_high``, ``A > 0``)."""
         ratio = torch.exp(log_ratio)
         clipped_ratio = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
-        return loss, (ratio != clipped_ratio)
+        capped_ratio = ratio if self.args.delta is None else torch.clamp(ratio, max=self.args.delta)
+        loss = -torch.min(capped_ratio * advantages, clipped_ratio * advantages)
+        is_low_clipped = (ratio < 1 - self.epsilon_low) & (advantages < 0)
+        is_high_clipped = (ratio > 1 + self.epsilon_high) & (advantages > 0)
+        return loss, is_low_clipped, is_high_clipped
+
+    def _aggregate(self, unit_loss: torch.Tensor, mask: torch.Tensor, num_items_in_batch, units_per_row: int):
+        """GRPO's `loss_type` normalisations, with a unit being a (block, denoising step) of a trace for the latent
+        loss and a token of an answer for the text loss. ``unit_loss`` and ``mask`` are ``(rows, units)``.
+
+        grpo: mean over a row's units, then over rows. bnpo: mean over the micro-batch's units. dr_grpo: sum over
+        units / (rows * units_per_row), a constant. dapo: sum / units of the whole generation batch (all processes).
+        luspo: sum over a row's units, mean over rows. Scaled for gradient accumulation as GRPOTrainer does.
+        """
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        masked = unit_loss * mask
+        if self.loss_type == "grpo":
+            return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return masked.sum() / (unit_loss.shape[0] * units_per_row) / accumulation
+        if self.loss_type == "dapo":
+            # `num_items_in_batch` spans the generation batch, so rescale it to one accumulation window
+            normalizer = num_items_in_batch.clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return masked.sum() / normalizer
+        return masked.sum(-1).mean() / accumulation  # luspo
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
@@ -351,26 +395,46 @@ class LaDiRLTrainer(GRPOTrainer):
             answer=self._answer_inputs(inputs) if use_text_policy else None,
         )
 
-        # 6. latent policy: a clipped ratio per denoising step, masked to real blocks
+        # 6. latent policy: a clipped ratio per denoising step, masked to real blocks. The units of the loss are the
+        # (block, step) pairs of a trace, flattened: they play the role of GRPO's completion tokens.
         log_probs = outputs["denoising"]["log_probs"]  # (B, blocks, steps)
+        batch, num_blocks, num_steps = log_probs.shape
         old_log_probs = inputs.get("old_log_probs", log_probs.detach())
-        step_mask = inputs["block_mask"][:, :, None].expand_as(log_probs).float()
-        log_ratio = log_probs - old_log_probs
+        step_mask = inputs["block_mask"][:, :, None].expand_as(log_probs).float().reshape(batch, -1)
+        log_ratio = (log_probs - old_log_probs).reshape(batch, -1)
         if self.importance_sampling_level == "sequence":  # GSPO: one ratio per trace
-            log_ratio = ((log_ratio * step_mask).sum((1, 2)) / step_mask.sum((1, 2)).clamp(min=1))[:, None, None]
-            log_ratio = log_ratio.expand_as(log_probs)
-        step_loss, is_clipped = self._clipped_objective(log_ratio, inputs["advantages"][:, None, None])
+            log_ratio = ((log_ratio * step_mask).sum(-1, keepdim=True) / step_mask.sum(-1, keepdim=True).clamp(min=1))
+            log_ratio = log_ratio.expand_as(step_mask)
+        advantages = inputs["advantages"][:, None]
+        step_loss, is_low_clipped, is_high_clipped = self._clipped_objective(log_ratio, advantages)
+        if self.args.off_policy_mask_threshold is not None:
+            # DeepSeek-V3.2's off-policy mask: drop a trace with A < 0 whose mean log(pi_old / pi_theta) is too large
+            step_loss = step_loss * self.get_off_policy_mask(
+                advantages, log_probs.reshape(batch, -1), old_log_probs.reshape(batch, -1), step_mask,
+                self.args.off_policy_mask_threshold,
+            )
         if self.latent_kl_beta > 0:
-            # KL between Gaussians with the same std: ||mu_theta - mu_ref||^2 / (2 std^2)
+            # KL between Gaussians with the same std: ||mu_theta - mu_ref||^2 / (2 std^2), summed over the latent
             means, stds = outputs["denoising"]["means"], outputs["denoising"]["stds"]
-            kl = (means - inputs["ref_means"]).pow(2).flatten(3).sum(-1) / (2 * stds.pow(2))
+            kl = ((means - inputs["ref_means"]).pow(2).flatten(3).sum(-1) / (2 * stds.pow(2))).reshape(batch, -1)
+            if self.args.use_bias_correction_kl:  # the KL of samples drawn by the old policy, reweighted
+                kl = kl * torch.exp(log_ratio)
             step_loss = step_loss + self.latent_kl_beta * kl
             self._metrics[mode]["latent_kl"].append(self._masked_global_mean(kl, step_mask))
-        # every trace weighs the same, whatever its number of blocks
-        latent_loss = ((step_loss * step_mask).sum((1, 2)) / step_mask.sum((1, 2)).clamp(min=1)).mean()
-        loss = latent_loss
-        self._metrics[mode]["clip_ratio/region_mean"].append(self._masked_global_mean(is_clipped.float(), step_mask))
-        self._metrics[mode]["approx_kl"].append(self._masked_global_mean(old_log_probs - log_probs.detach(), step_mask))
+        units_per_row = self._max_latent_blocks * num_steps
+        loss = self._aggregate(step_loss, step_mask, inputs["num_items_in_batch"], units_per_row)
+        self._metrics[mode]["clip_ratio/low_mean"].append(self._masked_global_mean(is_low_clipped.float(), step_mask))
+        self._metrics[mode]["clip_ratio/high_mean"].append(self._masked_global_mean(is_high_clipped.float(), step_mask))
+        self._metrics[mode]["clip_ratio/region_mean"].append(
+            self._masked_global_mean((is_low_clipped | is_high_clipped).float(), step_mask)
+        )
+        self._metrics[mode]["approx_kl"].append(
+            self._masked_global_mean((old_log_probs - log_probs.detach()).reshape(batch, -1), step_mask)
+        )
+        if "sampler_log_probs" in inputs:
+            # the sampler's recorded log-probs against the loss's recomputation: ~0 at the weights that sampled
+            gap = (inputs["sampler_log_probs"] - log_probs.detach()).abs().reshape(batch, -1)
+            self._metrics[mode]["sampler_log_prob_gap"].append(self._masked_global_mean(gap, step_mask))
 
         # 7. text policy: token-level clipped ratio, advantage within the latent
         if use_text_policy:
@@ -378,18 +442,20 @@ class LaDiRLTrainer(GRPOTrainer):
             token_mask = inputs["completion_mask"].flatten(0, 1).float()
             old_token_log_probs = inputs.get("old_text_log_probs")
             old_token_log_probs = token_log_probs.detach() if old_token_log_probs is None else old_token_log_probs.flatten(0, 1)
-            token_loss, text_clipped = self._clipped_objective(
-                token_log_probs - old_token_log_probs, inputs["text_advantages"].flatten()[:, None]
+            text_advantages = inputs["text_advantages"].flatten()[:, None]
+            token_loss, text_low, text_high = self._clipped_objective(token_log_probs - old_token_log_probs, text_advantages)
+            if self.args.off_policy_mask_threshold is not None:
+                token_loss = token_loss * self.get_off_policy_mask(
+                    text_advantages, token_log_probs, old_token_log_probs, token_mask, self.args.off_policy_mask_threshold
+                )
+            text_loss = self._aggregate(
+                token_loss, token_mask, inputs["num_text_items_in_batch"], self.max_completion_length
             )
-            text_loss = ((token_loss * token_mask).sum(1) / token_mask.sum(1).clamp(min=1)).mean()
             loss = loss + self.args.text_policy_coef * text_loss
-            self._metrics[mode]["text_clip_ratio"].append(self._masked_global_mean(text_clipped.float(), token_mask))
+            self._metrics[mode]["text_clip_ratio"].append(self._masked_global_mean((text_low | text_high).float(), token_mask))
             self._metrics[mode]["text_entropy_trained"].append(
                 self._masked_global_mean(outputs["answer"]["entropy"].detach(), token_mask)
             )
-
-        if mode == "train":
-            loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer.loss_is_scaled_for_ga
         return loss
 
     def _masked_global_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -113,7 +113,11 @@ class LaDiRSFTConfig(TrainingArguments):
     )
 
     # VAE stage
-    kl_weight: float = field(default=1e-5, metadata={"help": "β of the β-VAE loss (LaDiR: 1e-5)."})
+    kl_weight: float = field(
+        default=1e-5,
+        metadata={"help": "β of the β-VAE loss (LaDiR: 1e-5), on the KL averaged over the latent numbers of a "
+                  "sentence, as in LaDiR's reference code."},
+    )
     latent_noise_std: float = field(
         default=0.3, metadata={"help": "Std of the noise added to sampled latents before decoding (VAE stage)."}
     )
