@@ -60,3 +60,22 @@ def test_text_sft_lowers_the_completion_loss_and_saves_a_loadable_model(tmp_path
     after = completion_loss(AutoModelForCausalLM.from_pretrained(output_dir), tokenizer)
     # 40 steps on 4 rows memorise them: measured 5.7 -> 0.017 nats per token (seed 0)
     margin.check("completion loss after / before", after / before, 0.5, "<", context=(before, after))
+
+
+def test_wall_clock_budget_stops_training_once_the_time_is_spent():
+    import time
+
+    from transformers import TrainerControl
+
+    from trl_ladi.baselines import WallClockBudgetCallback
+
+    callback = WallClockBudgetCallback(seconds=0.2)
+    control = TrainerControl()
+    callback.on_train_begin(None, None, control)
+    callback.on_step_end(None, None, control)
+    assert not control.should_training_stop  # well inside the budget
+    time.sleep(0.25)
+    callback.on_step_end(None, None, control)
+    assert control.should_training_stop
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        WallClockBudgetCallback(0)

@@ -588,6 +588,40 @@ def test_checkpoint_saves_and_resumes(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_resume_true_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, caplog):
+    """A kill while checkpoint-4 was being written leaves its weights but no trainer state: resume_from_checkpoint=
+    True resumes from checkpoint-2 (the last complete one), says so, and leaves checkpoint-4 on disk."""
+    def trainer_for(max_steps):
+        model, tokenizer = make_model()
+        args = make_args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2, learning_rate=5e-2)
+        return LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                             train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer)
+
+    trainer_for(4).train()
+    interrupted = tmp_path / "checkpoint-4"
+    (interrupted / "trainer_state.json").unlink()
+    with open(interrupted / "optimizer.pt", "r+b") as optimizer_file:
+        optimizer_file.truncate(100)
+    resumed = trainer_for(6)
+    with caplog.at_level("WARNING", logger="trl_ladi.trainers.checkpoints"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6
+    steps = [entry["step"] for entry in resumed.state.log_history if "loss" in entry]
+    assert steps[:2] == [1, 2] and 3 in steps  # steps 1-2 from checkpoint-2's history, 3 onwards trained again
+    assert "checkpoint-4" in caplog.text and "left on disk" in caplog.text
+    assert (interrupted / "model.safetensors").exists()
+
+
+def test_resume_true_with_only_interrupted_checkpoints_says_what_to_do(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hist')  # cut short
+    model, tokenizer = make_model()
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=make_args(tmp_path),
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="no checkpoint .* was written completely.*checkpoint-2"):
+        trainer.train(resume_from_checkpoint=True)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -615,6 +649,10 @@ def test_checkpoint_saves_and_resumes(tmp_path):
         (dict(cast_lm_head_to_fp32=True), "cast_lm_head_to_fp32.*float32"),
         (dict(router_aux_loss_coef=0.01), "router_aux_loss_coef.*dense"),
         (dict(max_tool_calling_iterations=2), "max_tool_calling_iterations.*tool"),
+        (dict(num_denoise_steps=0), "num_denoise_steps must be at least 1"),
+        (dict(max_latent_blocks=0), "max_latent_blocks must be at least 1"),
+        (dict(initial_noise_scale=0.0), "initial_noise_scale must be > 0"),
+        (dict(diversity_guidance_scale=-0.1), "diversity_guidance_scale must be >= 0"),
     ],
 )
 def test_incompatible_config_values_fail_with_a_message(tmp_path, overrides, message):
@@ -643,6 +681,45 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="processing_class"):
         LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    with pytest.raises(ValueError, match="no rows"):
+        LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                      train_dataset=Dataset.from_dict({"prompt": []}), processing_class=tokenizer)
+    # the tiny base has 512 positions; 2 blocks of 6 and an answer of 4 leave 495 for the prompt
+    long_prompt = " ".join(["cat"] * 600)
+    with pytest.raises(ValueError, match=r"longest prompt \(row 1\) has 6\d\d tokens.*base model has 512"):
+        LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                      train_dataset=Dataset.from_dict({"prompt": [PROMPTS[0], long_prompt]}), processing_class=tokenizer)
+
+
+def answer_http_503(completions, **kwargs):
+    raise ConnectionError("503 Service Unavailable")
+
+
+def answer_strings(completions, **kwargs):
+    return ["good"] * len(completions)
+
+
+def answer_a_dict(completions, **kwargs):
+    return {"reward": 1.0}
+
+
+@pytest.mark.parametrize(
+    "reward_func, error, message",
+    [
+        (answer_http_503, RuntimeError, "reward function 'answer_http_503' raised ConnectionError: 503.*while scoring 8"),
+        (answer_strings, TypeError, "'answer_strings' returned str 'good' for answer 0.*float, or None"),
+        (answer_a_dict, TypeError, "'answer_a_dict' returned dict.*list of 8 floats"),
+    ],
+)
+def test_a_failing_reward_function_is_named_with_what_it_did(tmp_path, reward_func, error, message):
+    model, tokenizer = make_model()
+    head_before = model.velocity_head.linear.weight.detach().clone()
+    trainer = LaDiRLTrainer(model=model, reward_funcs=[digit_fraction_reward, reward_func], args=make_args(tmp_path),
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    assert trainer.reward_func_names == ["digit_fraction_reward", reward_func.__name__]
+    with pytest.raises(error, match=message):
+        trainer.train()
+    assert torch.equal(model.velocity_head.linear.weight, head_before)  # nothing was updated
 
 
 # ------------------------------------------------------------------ multi-process

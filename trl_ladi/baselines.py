@@ -10,8 +10,10 @@ starting model of token-level GRPO in a LaDi-RL vs GRPO comparison, is the same 
 completion only, as TRL does for prompt/completion data) and saves the model and tokenizer.
 """
 
+import time
+
 import datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_ladi.data import prepare_cot_dataset
@@ -45,11 +47,13 @@ def train_text_sft(
     args: SFTConfig,
     answer_template: str = DEFAULT_ANSWER_TEMPLATE,
     tokenizer=None,
+    callbacks=None,
 ) -> str:
     """Fine-tune a causal LM on `train_dataset` with the reasoning written as text; returns `args.output_dir`.
 
     The model and its tokenizer are saved there, ready for `AutoModelForCausalLM.from_pretrained` (and for TRL's
     `GRPOTrainer`). The whole model is trained unless `args` says otherwise (e.g. through a peft config).
+    `callbacks` go to the `SFTTrainer` (e.g. `WallClockBudgetCallback` for a run of fixed wall-clock time).
     """
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
     if tokenizer.pad_token is None:
@@ -60,8 +64,28 @@ def train_text_sft(
         args=args,
         train_dataset=text_sft_dataset(train_dataset, answer_template),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     trainer.train()
     trainer.save_model(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     return args.output_dir
+
+
+class WallClockBudgetCallback(TrainerCallback):
+    """Stops training once `seconds` of wall-clock time have passed since training began (checked after each
+    optimizer step), so that two recipes can be compared at the same time budget rather than the same step count.
+    Set `max_steps` above what the budget allows and a schedule that does not depend on it (e.g. constant)."""
+
+    def __init__(self, seconds: float):
+        if seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}.")
+        self.seconds = seconds
+        self.start_time = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start_time >= self.seconds:
+            control.should_training_stop = True

@@ -193,8 +193,13 @@ class LaDiRPipeline:
         ``latent_group_size`` consecutive rows) from each other. Defaults come from the model config.
         """
         model, config = self.model, self.model.config
-        num_denoise_steps = num_denoise_steps or config.num_denoise_steps
-        max_blocks = max_blocks or config.max_blocks
+        num_denoise_steps = config.num_denoise_steps if num_denoise_steps is None else num_denoise_steps
+        max_blocks = config.max_blocks if max_blocks is None else max_blocks
+        if num_denoise_steps < 1 or max_blocks < 1:
+            raise ValueError(
+                f"num_denoise_steps and max_blocks must be at least 1 (None: the model config's), got "
+                f"{num_denoise_steps} and {max_blocks}."
+            )
         initial_noise_scale = config.initial_noise_scale if initial_noise_scale is None else initial_noise_scale
         rows, device = context.rows, context.key_is_real.device
         block_shape = (rows, config.latent_tokens_per_block, config.latent_dim)

@@ -128,6 +128,15 @@ class LaDiRLConfig(GRPOConfig):
                 "use_vllm=True is not supported by LaDiRLTrainer: answers are decoded from latent prefixes "
                 "(input embeddings), which vLLM generation here does not take. Set use_vllm=False."
             )
+        for name in ("num_denoise_steps", "max_latent_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for the model config's value), got {value}.")
+        if self.initial_noise_scale is not None and self.initial_noise_scale <= 0:
+            raise ValueError(f"initial_noise_scale must be > 0 (or None for the model config's value), got "
+                             f"{self.initial_noise_scale}.")
+        if self.diversity_guidance_scale < 0:
+            raise ValueError(f"diversity_guidance_scale must be >= 0, got {self.diversity_guidance_scale}.")
         if self.num_decodes_per_latent < 1:
             raise ValueError(f"num_decodes_per_latent must be at least 1, got {self.num_decodes_per_latent}.")
         if self.sde_noise_level <= 0:

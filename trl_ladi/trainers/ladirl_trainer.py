@@ -16,6 +16,9 @@ Everything else (sampler, buffering, ``training_step``, logging, checkpoints, ac
 """
 
 import copy
+import functools
+import logging
+import numbers
 import time
 from collections import Counter, defaultdict, deque
 
@@ -24,14 +27,50 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
-from trl.trainer.utils import nanstd, pad
+from trl.trainer.utils import is_async_callable, nanstd, pad
 
 from trl_ladi.hub import write_model_card
 from trl_ladi.modeling import LaDiRModel, tokenize_prompts
 from trl_ladi.pipeline import LaDiRPipeline
+from trl_ladi.trainers.checkpoints import resolve_resume_from_checkpoint
 from trl_ladi.trainers.ladirl_config import LaDiRLConfig
 
 ADVANTAGE_EPS = 1e-4  # as GRPO
+
+logger = logging.getLogger(__name__)
+
+
+def _checked_reward_func(reward_func, name: str):
+    """`reward_func` with its failures named: an exception, or a value that is not a list of numbers / None."""
+
+    @functools.wraps(reward_func)
+    def checked(*args, **kwargs):
+        completions = kwargs.get("completions") or []
+        first = repr(completions[0])[:200] if completions else "none"
+        try:
+            rewards = reward_func(*args, **kwargs)
+        except Exception as error:
+            raise RuntimeError(
+                f"The reward function '{name}' raised {type(error).__name__}: {error} while scoring {len(completions)} "
+                f"answers (the first: {first}). No update was made from this rollout. Fix the function, or have it "
+                "return None for an answer it cannot score (that answer is then left out)."
+            ) from error
+        if isinstance(rewards, (str, bytes, dict, set)) or not hasattr(rewards, "__len__"):
+            raise TypeError(
+                f"The reward function '{name}' returned {type(rewards).__name__} ({repr(rewards)[:100]}); it must return "
+                f"a list of {len(completions)} floats (or None for an answer it cannot score)."
+            )
+        for index, reward in enumerate(rewards):
+            is_number = isinstance(reward, numbers.Real) or (isinstance(reward, torch.Tensor) and reward.numel() == 1)
+            if reward is not None and not is_number:
+                raise TypeError(
+                    f"The reward function '{name}' returned {type(reward).__name__} {repr(reward)[:100]} for answer "
+                    f"{index} ({repr(completions[index])[:100] if index < len(completions) else '?'}); each reward must "
+                    "be a float, or None for an answer it cannot score."
+                )
+        return rewards
+
+    return checked
 
 
 class LaDiRLTrainer(GRPOTrainer):
@@ -94,6 +133,11 @@ class LaDiRLTrainer(GRPOTrainer):
                 f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}). "
                 "Rename your prompt column, e.g. `dataset.rename_column('question', 'prompt')`."
             )
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("The training dataset has no rows: there is nothing to train on. Check how it was "
+                             "loaded or filtered.")
+        if train_dataset is not None and hasattr(train_dataset, "__len__"):
+            self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args)
         velocity_head, shared = self._trained_parameters(model, args)
         model.train_only(velocity_head + shared)
         # The reference denoiser is copied now: GRPOTrainer patches `model.forward` (fused LM head) with a closure
@@ -116,6 +160,10 @@ class LaDiRLTrainer(GRPOTrainer):
         )
         args.beta = beta
         self.latent_kl_beta = latent_kl_beta
+        self.reward_funcs = [
+            func if isinstance(func, torch.nn.Module) or is_async_callable(func) else _checked_reward_func(func, name)
+            for func, name in zip(self.reward_funcs, self.reward_func_names)
+        ]
         self.num_decodes_per_latent = args.num_decodes_per_latent
         self._max_latent_blocks = args.max_latent_blocks or model.config.max_blocks  # dr_grpo's constant normaliser
         self.ref_denoiser = None
@@ -134,6 +182,33 @@ class LaDiRLTrainer(GRPOTrainer):
             "advantages": deque(maxlen=rows),
             "extra": defaultdict(lambda: deque(maxlen=rows)),
         }
+
+    @staticmethod
+    def _check_prompt_lengths(model: LaDiRModel, tokenizer, prompts: list, args: LaDiRLConfig):
+        """Prompt + latent blocks + answer must fit the base model's positions: beyond them a RoPE model trains on
+        positions it never saw, silently."""
+        context = getattr(model.config.text_config, "max_position_embeddings", None)
+        if context is None:
+            return
+        lengths = []
+        for start in range(0, len(prompts), 256):  # in chunks: one padded tensor of a large dataset would be big
+            lengths += tokenize_prompts(tokenizer, list(prompts[start : start + 256]), pad_token_id=0)[1].sum(1).tolist()
+        longest = max(lengths)
+        max_blocks = args.max_latent_blocks or model.config.max_blocks
+        needed = longest + max_blocks * model.block_layout.width + 1 + args.max_completion_length
+        if needed > context:
+            raise ValueError(
+                f"The longest prompt (row {lengths.index(longest)}) has {longest} tokens; with {max_blocks} latent "
+                f"blocks of {model.block_layout.width} positions and an answer of up to {args.max_completion_length} "
+                f"tokens a trace needs {needed} positions, but the base model has {context}. Shorten or filter the "
+                "long prompts, or lower max_latent_blocks / max_completion_length."
+            )
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`GRPOTrainer.train`; `resume_from_checkpoint=True` resumes from the newest checkpoint that was written
+        completely (see `trl_ladi.trainers.checkpoints`)."""
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @staticmethod
     def _trained_parameters(model: LaDiRModel, args: LaDiRLConfig) -> tuple[list, list]:
@@ -272,6 +347,11 @@ class LaDiRLTrainer(GRPOTrainer):
             utility = rewards_per_latent.nan_to_num(float("-inf")).max(dim=1).values
         else:
             utility = rewards_per_latent.nan_to_num(float("inf")).min(dim=1).values
+        if utility.isinf().any():
+            logger.warning(
+                "%d of %d latents have an answer with an infinite reward: those latents are left out of this update "
+                "(advantage 0), their other answers included.", int(utility.isinf().sum()), utility.numel()
+            )
         utility = utility.masked_fill(utility.isinf(), float("nan"))
 
         # 5. advantages over the N latents of each prompt, with GRPO's `scale_rewards` semantics

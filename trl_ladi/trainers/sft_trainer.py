@@ -27,6 +27,7 @@ from trl.trainer.utils import pad
 from trl_ladi.data import prepare_cot_dataset, split_reasoning_into_sentences
 from trl_ladi.modeling import LaDiRModel, check_tokenizer, tokenize_prompts
 from trl_ladi.pipeline import LaDiRPipeline
+from trl_ladi.trainers.checkpoints import resolve_resume_from_checkpoint
 from trl_ladi.trainers.sft_config import LaDiRSFTConfig
 
 STAGE_METRICS = {
@@ -261,9 +262,10 @@ class LaDiRSFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ the stage as a whole
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, **kwargs):
         start = time.time()
-        output = super().train(*args, **kwargs)
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         # The model is called outside its forward below: gather DeepSpeed ZeRO-3 parameters for that (every process).
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             if self.args.stage == "vae":

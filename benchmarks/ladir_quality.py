@@ -1,0 +1,253 @@
+"""Where a LaDiR model loses accuracy, against text SFT of the same base model at the same wall-clock budget.
+
+    python benchmarks/ladir_quality.py                       # SmolLM2-135M, chain_sum, 5 minutes per recipe
+    python benchmarks/ladir_quality.py --budget_seconds 600 --initial_latent_logvar -4 --latent_noise_std 0
+    python benchmarks/ladir_quality.py --text_sft_results benchmarks/results/ladir_quality.json   # reuse (d)
+
+Both recipes train from the same base model on the same training problems for `--budget_seconds` of wall-clock time
+each, one after the other in this process (the LaDiR recipe splits its budget between the VAE and the reasoner
+stage). Then, on `--num_test_examples` held-out problems:
+
+(a) VAE: greedy reconstruction of the held-out reasoning sentences from their latent means (exact match, and the share
+    of target tokens the greedy decode gets right at their position);
+(b) oracle latents: answer accuracy (greedy) when the reasoner reads the encoder's latents of the true reasoning;
+(c) the LaDiR model with latents it samples itself (SDE, as the RL rollouts sample): pass@1..k;
+(d) the text-SFT model: pass@1..k with the same number of samples per problem.
+
+Writes `<output_dir>/ladir_quality.json` and `ladir_quality.png`.
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import SFTConfig
+
+from trl_ladi import LaDiRModel, LaDiRPipeline, LaDiRSFTConfig, LaDiRSFTTrainer
+from trl_ladi.baselines import WallClockBudgetCallback, train_text_sft
+from trl_ladi.data import load_math_dataset, split_reasoning_into_sentences
+from trl_ladi.default_model import default_model_path
+from trl_ladi.evaluation import causal_lm_generate_fn, evaluate_pass_at_k, ladir_generate_fn, plot_pass_at_k
+from trl_ladi.modeling import tokenize_prompts
+from trl_ladi.rewards import math_accuracy_reward
+from trl_ladi.rewards.math import extract_final_answer
+from trl_ladi.trainers.sft_trainer import encode_sentences
+
+ANSWER_TEMPLATE = "#### {answer}"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=None, help="Base causal LM (default: embedded SmolLM2-135M).")
+    parser.add_argument("--dataset_name", default="chain_sum")
+    parser.add_argument("--num_train_examples", type=int, default=2048)
+    parser.add_argument("--num_test_examples", type=int, default=256)
+    parser.add_argument("--budget_seconds", type=float, default=300, help="Training wall-clock time of each recipe.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="outputs/ladir-quality")
+    # text SFT (the reference): full fine-tuning, as in research/task-difficulty.md
+    parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
+    parser.add_argument("--text_sft_results", default=None, help="A previous report's JSON: reuse its text-SFT part.")
+    # LaDiR recipe
+    parser.add_argument("--vae_fraction", type=float, default=0.5, help="Share of the LaDiR budget for the VAE.")
+    parser.add_argument("--latent_tokens_per_block", type=int, default=4)
+    parser.add_argument("--latent_dim", type=int, default=128)
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--max_blocks", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--vae_learning_rate", type=float, default=5e-4)
+    parser.add_argument("--reasoner_learning_rate", type=float, default=5e-4)
+    parser.add_argument("--initial_latent_logvar", type=float, default=None)
+    parser.add_argument("--latent_noise_std", type=float, default=0.3)
+    parser.add_argument("--token_substitution_prob", type=float, default=0.3)
+    # sampling, as the main job's rollouts
+    parser.add_argument("--num_samples", type=int, default=8, help="Answers per problem for pass@k.")
+    parser.add_argument("--num_decodes_per_latent", type=int, default=2)
+    parser.add_argument("--num_denoise_steps", type=int, default=6)
+    parser.add_argument("--sde_noise_level", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Of the text-SFT model's worked solutions.")
+    return parser.parse_args()
+
+
+def train_ladir(args, base, tokenizer, train):
+    model = LaDiRModel.from_base(
+        base,
+        latent_tokens_per_block=args.latent_tokens_per_block,
+        latent_dim=args.latent_dim,
+        max_blocks=args.max_blocks,
+        encoder_lora_rank=args.lora_rank,
+        reasoner_lora_rank=args.lora_rank,
+        num_denoise_steps=args.num_denoise_steps,
+        initial_latent_logvar=args.initial_latent_logvar,
+    )
+    steps = {}
+    stages = (("vae", args.vae_fraction, args.vae_learning_rate), ("reasoner", 1 - args.vae_fraction, args.reasoner_learning_rate))
+    for stage, fraction, learning_rate in stages:
+        stage_args = LaDiRSFTConfig(
+            output_dir=os.path.join(args.output_dir, f"ladir-{stage}"),
+            stage=stage,
+            max_steps=1_000_000,  # the wall-clock budget stops it
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=10,
+            answer_template=ANSWER_TEMPLATE,
+            max_answer_length=16,
+            latent_noise_std=args.latent_noise_std,
+            token_substitution_prob=args.token_substitution_prob,
+            scaling_num_sentences=256,
+            logging_steps=25,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available(),  # CPU bf16 matmuls take a slow reference kernel
+            seed=args.seed,
+        )
+        trainer = LaDiRSFTTrainer(
+            model=model, args=stage_args, train_dataset=train, processing_class=tokenizer,
+            callbacks=[WallClockBudgetCallback(args.budget_seconds * fraction)],
+        )
+        trainer.train()
+        steps[stage] = trainer.state.global_step
+    return model.eval(), steps
+
+
+@torch.no_grad()
+def vae_reconstruction(model, tokenizer, sentences, batch_size=32):
+    """(a): greedy decode of each sentence's latent mean; exact match and positional token agreement."""
+    exact, token_hits, token_total, examples = 0, 0, 0, []
+    for start in range(0, len(sentences), batch_size):
+        batch = sentences[start : start + batch_size]
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        mu = encode_sentences(model, ids, tokenizer.pad_token_id, batch_size).to(model.device)
+        texts = model.decode_latents_to_text(model.config.latent_scaling_factor * mu, tokenizer, max_new_tokens=32)
+        for sentence, target, text in zip(batch, ids, texts):
+            decoded = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+            exact += text.strip() == sentence.strip()
+            token_hits += sum(a == b for a, b in zip(decoded, target))
+            token_total += len(target)
+            if len(examples) < 8:
+                examples.append({"sentence": sentence, "decoded": text.strip()})
+    return {"exact_match": exact / len(sentences), "token_accuracy": token_hits / token_total,
+            "num_sentences": len(sentences), "examples": examples}
+
+
+@torch.no_grad()
+def oracle_latent_accuracy(model, tokenizer, test, batch_size=16):
+    """(b): the reasoner reads the encoder's latents of the true reasoning sentences and answers greedily."""
+    pipeline = LaDiRPipeline(model, tokenizer)
+    max_blocks = model.config.max_blocks
+    correct, examples = 0, []
+    for start in range(0, len(test), batch_size):
+        rows = [test[i] for i in range(start, min(start + batch_size, len(test)))]
+        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [row["prompt"] for row in rows], device=model.device)
+        context = model.prefill(prompt_ids, prompt_mask)
+        sentences = [split_reasoning_into_sentences(row["reasoning"], max_sentences=max_blocks) for row in rows]
+        for block in range(max(len(s) for s in sentences)):
+            is_real = torch.tensor([block < len(s) for s in sentences], device=model.device)
+            texts = [s[block] if block < len(s) else s[-1] for s in sentences]
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            mu = encode_sentences(model, ids, tokenizer.pad_token_id, len(ids)).to(model.device)
+            model.append_block(context, model.config.latent_scaling_factor * mu.to(model.dtype), is_real=is_real)
+        completion_ids, _ = pipeline.decode_answers(
+            context, max_new_tokens=16, temperature=0.0, eos_token_ids=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        rewards = math_accuracy_reward(completions=answers, answer=[row["answer"] for row in rows])
+        correct += sum(r >= 1.0 for r in rewards)
+        examples.extend({"answer": row["answer"], "decoded": a} for row, a in zip(rows, answers) if len(examples) < 8)
+    return {"answer_accuracy": correct / len(test), "num_problems": len(test), "examples": examples[:8]}
+
+
+def without_per_problem(result):
+    return {key: value for key, value in result.items() if key != "per_problem"}
+
+
+def main():
+    args = parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    set_seed(args.seed)
+    base = args.model_name_or_path or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    options = dict(seed=args.seed, conversational=False, instruction=None)
+    train = load_math_dataset(args.dataset_name, "train", args.num_train_examples, **options)
+    test = load_math_dataset(args.dataset_name, "test", args.num_test_examples, **options)
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= args.num_samples]
+    report = {"settings": vars(args), "timings": {}}
+    answer_fn = lambda text: extract_final_answer(text) or text.strip()  # noqa: E731
+
+    # (d) text SFT
+    if args.text_sft_results:
+        with open(args.text_sft_results) as f:
+            report["text_sft"] = json.load(f)["text_sft"]
+    else:
+        start = time.perf_counter()
+        sft_dir = train_text_sft(
+            base, train,
+            SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=1_000_000,
+                      learning_rate=args.text_sft_learning_rate, lr_scheduler_type="constant_with_warmup",
+                      warmup_steps=10, per_device_train_batch_size=args.batch_size, logging_steps=25,
+                      save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+                      bf16=torch.cuda.is_available(), seed=args.seed),
+            answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
+            callbacks=[WallClockBudgetCallback(args.budget_seconds)],
+        )
+        report["timings"]["text_sft_train_s"] = time.perf_counter() - start
+        sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
+        start = time.perf_counter()
+        set_seed(args.seed)
+        generate_fn = causal_lm_generate_fn(sft_model, tokenizer, max_new_tokens=args.max_new_tokens,
+                                            temperature=args.temperature)
+        result = evaluate_pass_at_k(generate_fn, test, math_accuracy_reward, ks=ks, num_samples=args.num_samples,
+                                    answer_fn=answer_fn)
+        report["timings"]["text_sft_eval_s"] = time.perf_counter() - start
+        report["text_sft"] = without_per_problem(result)
+        del sft_model
+
+    # the LaDiR recipe at the same budget
+    start = time.perf_counter()
+    model, steps = train_ladir(args, base, tokenizer, train)
+    report["timings"]["ladir_train_s"] = time.perf_counter() - start
+    report["ladir_steps"] = steps
+    start = time.perf_counter()
+    sentences = [s for row in test for s in split_reasoning_into_sentences(row["reasoning"], args.max_blocks)]
+    report["vae"] = vae_reconstruction(model, tokenizer, sentences)
+    report["oracle_latents"] = oracle_latent_accuracy(model, tokenizer, test)
+    set_seed(args.seed)
+    generate_fn = ladir_generate_fn(
+        model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent, num_denoise_steps=args.num_denoise_steps,
+        sde_noise_level=args.sde_noise_level, temperature=args.temperature, max_new_tokens=16,
+    )
+    result = evaluate_pass_at_k(generate_fn, test, math_accuracy_reward, ks=ks, num_samples=args.num_samples,
+                                answer_fn=answer_fn)
+    report["ladir"] = without_per_problem(result)
+    report["timings"]["ladir_eval_s"] = time.perf_counter() - start
+
+    json_path = os.path.join(args.output_dir, "ladir_quality.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    png_path = plot_pass_at_k(
+        {"text SFT": report["text_sft"], "LaDiR": report["ladir"]}, os.path.join(args.output_dir, "ladir_quality.png"),
+        title=f"{args.dataset_name}: pass@k on {len(test)} held-out problems, {args.budget_seconds:.0f} s of training each",
+    )
+    print(json.dumps({key: report[key] for key in ("timings", "ladir_steps")}, indent=2))
+    print(f"(a) VAE exact match {report['vae']['exact_match']:.3f}, token accuracy {report['vae']['token_accuracy']:.3f}"
+          f" on {len(sentences)} held-out sentences")
+    print(f"(b) answer accuracy with oracle latents {report['oracle_latents']['answer_accuracy']:.3f}")
+    print(f"(c) LaDiR pass@k {report['ladir']['pass_at_k']}")
+    print(f"(d) text SFT pass@k {report['text_sft']['pass_at_k']}")
+    print(f"Wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
