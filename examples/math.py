@@ -46,6 +46,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import TrlParser
 
 from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel, LaDiRSFTConfig, LaDiRSFTTrainer
+from trl_ladi.cpu_threads import use_available_cores
 from trl_ladi.data import MATH_TASKS, load_math_dataset, load_user_dataset, prepare_cot_dataset
 from trl_ladi.default_model import default_model_path
 from trl_ladi.evaluation import evaluate_pass_at_k, format_pass_at_k_table, ladir_generate_fn, plot_pass_at_k
@@ -250,6 +251,8 @@ def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args
 def run(script_args, training_args, train_dataset, test_dataset, reward_func, answer_fn=None, task="math"):
     """Stages 1-5 (see the module docstring) on prepared data. Returns the pass@k results (main process)."""
     state = PartialState()
+    # accelerate launch exports OMP_NUM_THREADS=1; on a CPU take this process's share of the cores instead
+    print(f"torch threads per process: {use_available_cores()}")
     timings = {}
     start = time.perf_counter()
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, with our card, below

@@ -29,6 +29,7 @@ from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import is_async_callable, nanstd, pad
 
+from trl_ladi.cpu_threads import use_available_cores
 from trl_ladi.hub import write_model_card
 from trl_ladi.modeling import LaDiRModel, tokenize_prompts
 from trl_ladi.pipeline import LaDiRPipeline
@@ -138,6 +139,7 @@ class LaDiRLTrainer(GRPOTrainer):
                              "loaded or filtered.")
         if train_dataset is not None and hasattr(train_dataset, "__len__"):
             self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args)
+        use_available_cores()  # under accelerate launch on a CPU: the cores, not the one thread it sets
         velocity_head, shared = self._trained_parameters(model, args)
         model.train_only(velocity_head + shared)
         # The reference denoiser is copied now: GRPOTrainer patches `model.forward` (fused LM head) with a closure
