@@ -86,8 +86,13 @@ class ScriptArguments:
     latent_dim: int = field(default=128, metadata={"help": "Size of one latent token (LaDiR: 128)."})
     lora_rank: int = field(default=16, metadata={"help": "Rank of the encoder and reasoner LoRA adapters."})
     max_blocks: int = field(default=4, metadata={"help": "Most latent blocks (sentences) before the answer."})
-    vae_steps: int = field(default=40, metadata={"help": "Optimizer steps of the LaDiR VAE stage."})
-    reasoner_steps: int = field(default=40, metadata={"help": "Optimizer steps of the LaDiR reasoner stage."})
+    initial_latent_logvar: float | None = field(
+        default=-4.0,
+        metadata={"help": "The VAE posterior's log-variance at the start (LaDiRConfig.initial_latent_logvar): -4 makes "
+                  "the latents informative from the first step (docs/sft.md measures it); None keeps torch's init."},
+    )
+    vae_steps: int = field(default=80, metadata={"help": "Optimizer steps of the LaDiR VAE stage."})
+    reasoner_steps: int = field(default=50, metadata={"help": "Optimizer steps of the LaDiR reasoner stage."})
     sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of the two LaDiR stages."})
     sft_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the two LaDiR stages."})
     answer_template: str = field(
@@ -167,6 +172,7 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         max_blocks=script_args.max_blocks,
         encoder_lora_rank=script_args.lora_rank,
         reasoner_lora_rank=script_args.lora_rank,
+        initial_latent_logvar=script_args.initial_latent_logvar,
         **({"num_denoise_steps": training_args.num_denoise_steps} if training_args.num_denoise_steps else {}),
     )
     ladir_dir = os.path.join(training_args.output_dir, "ladir")
