@@ -204,11 +204,13 @@ def diversity_guidance(
         return torch.zeros_like(latents)
     t = _as_batch(t, latents)
     t_next = _as_batch(t_next, latents)
+    if active is None:
+        active = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
     force = repulsive_force(latents, group_size, active).float()
-    grouped = force.reshape(-1, group_size, force[0].numel())
-    num_active = torch.ones(force.shape[0], device=force.device) if active is None else active.float()
-    active_rows = num_active.reshape(-1, group_size).sum(1)
-    rms = (grouped.pow(2).sum((1, 2)) / (active_rows.clamp(min=1) * force[0].numel())).sqrt().clamp(min=1e-12)
+    numbers_per_row = latents[0].numel()
+    grouped = force.reshape(-1, group_size, numbers_per_row)
+    active_rows = active.reshape(-1, group_size).sum(1)
+    rms = (grouped.pow(2).sum((1, 2)) / (active_rows.clamp(min=1) * numbers_per_row)).sqrt().clamp(min=1e-12)
     # two latents sit at r = h, where the force is zero up to rounding: a group needs 3 active rows to be guided
     normalised = grouped / rms[:, None, None] * (active_rows >= 3)[:, None, None]
     normalised = normalised.reshape(force.shape).to(latents.dtype)

@@ -11,10 +11,12 @@ import logging
 import os
 import re
 
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def is_complete_checkpoint(path: str) -> bool:

@@ -176,6 +176,10 @@ class LaDiRLConfig(GRPOConfig):
             "the Gaussian latent policy's entropy is set by the SDE noise schedule, not by the weights, so an entropy "
             "term has nothing to act on (latent diversity is logged instead)"
         )
+        decoder_reason = (
+            "the answer decoder samples with `temperature` alone (LaDiRPipeline.decode_answers), from a latent prefix, "
+            "not through `generate`"
+        )
         unsupported = {  # option -> (is set, why LaDi-RL does not implement it)
             "top_entropy_quantile": (self.top_entropy_quantile != 1.0, entropy_reason),
             "entropy_coef": (self.entropy_coef != 0.0, entropy_reason),
@@ -189,12 +193,6 @@ class LaDiRLConfig(GRPOConfig):
                 self.sync_ref_model,
                 "the reference denoiser is a frozen copy of the velocity head taken at the start, never synced",
             ),
-        }
-        decoder_reason = (
-            "the answer decoder samples with `temperature` alone (LaDiRPipeline.decode_answers), from a latent prefix, "
-            "not through `generate`"
-        )
-        unsupported.update({
             "top_p": (self.top_p != 1.0, decoder_reason),
             "top_k": (self.top_k not in (0, None), decoder_reason),
             "min_p": (self.min_p is not None, decoder_reason),
@@ -232,7 +230,7 @@ class LaDiRLConfig(GRPOConfig):
                 self.max_tool_calling_iterations is not None,
                 "answers are decoded from latents in one pass, without tool calls",
             ),
-        })
+        }
         for name, (is_set, reason) in unsupported.items():
             if is_set:
                 raise ValueError(f"`{name}` is not supported by LaDiRLTrainer: {reason}. Leave it at its default.")

@@ -137,8 +137,9 @@ class LaDiRLTrainer(GRPOTrainer):
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("The training dataset has no rows: there is nothing to train on. Check how it was "
                              "loaded or filtered.")
+        max_latent_blocks = args.max_latent_blocks or model.config.max_blocks
         if train_dataset is not None and hasattr(train_dataset, "__len__"):
-            self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args)
+            self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args, max_latent_blocks)
         use_available_cores()  # under accelerate launch on a CPU: the cores, not the one thread it sets
         velocity_head, shared = self._trained_parameters(model, args)
         model.train_only(velocity_head + shared)
@@ -167,7 +168,7 @@ class LaDiRLTrainer(GRPOTrainer):
             for func, name in zip(self.reward_funcs, self.reward_func_names)
         ]
         self.num_decodes_per_latent = args.num_decodes_per_latent
-        self._max_latent_blocks = args.max_latent_blocks or model.config.max_blocks  # dr_grpo's constant normaliser
+        self._max_latent_blocks = max_latent_blocks  # dr_grpo's constant normaliser
         self.ref_denoiser = None
         if reference is not None:
             if self.is_deepspeed_enabled:
@@ -186,7 +187,7 @@ class LaDiRLTrainer(GRPOTrainer):
         }
 
     @staticmethod
-    def _check_prompt_lengths(model: LaDiRModel, tokenizer, prompts: list, args: LaDiRLConfig):
+    def _check_prompt_lengths(model: LaDiRModel, tokenizer, prompts: list, args: LaDiRLConfig, max_blocks: int):
         """Prompt + latent blocks + answer must fit the base model's positions: beyond them a RoPE model trains on
         positions it never saw, silently."""
         context = getattr(model.config.text_config, "max_position_embeddings", None)
@@ -196,7 +197,6 @@ class LaDiRLTrainer(GRPOTrainer):
         for start in range(0, len(prompts), 256):  # in chunks: one padded tensor of a large dataset would be big
             lengths += tokenize_prompts(tokenizer, list(prompts[start : start + 256]), pad_token_id=0)[1].sum(1).tolist()
         longest = max(lengths)
-        max_blocks = args.max_latent_blocks or model.config.max_blocks
         needed = longest + max_blocks * model.block_layout.width + 1 + args.max_completion_length
         if needed > context:
             raise ValueError(
