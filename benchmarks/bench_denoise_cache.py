@@ -23,7 +23,6 @@ Timings are reported, never asserted.
 import argparse
 import datetime
 import json
-import sys
 import tempfile
 import time
 import warnings
@@ -43,13 +42,10 @@ def build_model(args, workdir: Path):
     from trl_ladi.modeling import ANSWER, CONTINUE
 
     if args.tiny:
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny import make_tokenizer, tiny_llama_config
-        from transformers import AutoModelForCausalLM
+        from trl_ladi.testing import make_tokenizer, tiny_causal_lm
 
         tokenizer = make_tokenizer()
-        torch.manual_seed(args.seed)
-        base = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer, hidden_size=64))
+        base = tiny_causal_lm(tokenizer, seed=args.seed, hidden_size=64)
         model_dir, name = workdir / "tiny-llama", "tiny-llama"
         base.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)

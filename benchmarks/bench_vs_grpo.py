@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -87,13 +86,10 @@ class RssMonitor(threading.Thread):
 def prepare_model_dir(args, workdir: Path) -> tuple[str, str]:
     """The base model directory and a short name for it."""
     if args.tiny:
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny import make_tokenizer, tiny_llama_config
-        from transformers import AutoModelForCausalLM
+        from trl_ladi.testing import make_tokenizer, tiny_causal_lm
 
         tokenizer = make_tokenizer()
-        torch.manual_seed(args.seed)
-        model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer, hidden_size=64))
+        model = tiny_causal_lm(tokenizer, seed=args.seed, hidden_size=64)
         path = workdir / "tiny-llama"
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
-from tiny import make_tokenizer, tiny_llama_config
 from trl_ladi.baselines import text_sft_dataset, train_text_sft
+from trl_ladi.testing import make_tokenizer, tiny_causal_lm
 
 ROWS = {
     "prompt": [[{"role": "user", "content": f"what is {a} plus {b} ?"}] for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]],
@@ -51,7 +51,7 @@ def completion_loss(model, tokenizer) -> float:
 def test_text_sft_lowers_the_completion_loss_and_saves_a_loadable_model(tmp_path, statistical_seed, margin):
     tokenizer = make_tokenizer()
     torch.manual_seed(statistical_seed)
-    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer, initializer_range=0.2)).save_pretrained(tmp_path / "base")
+    tiny_causal_lm(tokenizer, seed=None, initializer_range=0.2).save_pretrained(tmp_path / "base")
     before = completion_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer)
     args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=40, learning_rate=1e-2, per_device_train_batch_size=4,
                      use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=10,

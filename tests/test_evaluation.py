@@ -153,12 +153,11 @@ def test_ladir_generate_fn_reshapes_prompt_major(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_causal_lm(tmp_path_factory):
-    from tiny import make_tokenizer, tiny_llama_config
-    from transformers import LlamaForCausalLM
+    from trl_ladi.testing import make_tokenizer
+    from trl_ladi.testing import tiny_causal_lm as build_tiny_causal_lm
 
-    torch.manual_seed(0)
     tokenizer = make_tokenizer()
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+    model = build_tiny_causal_lm(tokenizer, seed=0)
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

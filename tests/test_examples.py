@@ -7,11 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import HfApi
-from transformers import AutoModelForCausalLM
 
-from tiny import make_tokenizer, tiny_llama_config
+from trl_ladi.testing import make_tokenizer, tiny_causal_lm
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY_SIZES = [
@@ -38,13 +36,9 @@ def run_example(name, argv):
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    torch.manual_seed(0)
     tokenizer = make_tokenizer()
     path = tmp_path_factory.mktemp("tiny-base")
-    config = tiny_llama_config(tokenizer)
-    # tiny.WORDS lists "is" twice, so the largest token id ("99") is len(tokenizer): size the embeddings by the ids
-    config.vocab_size = max(tokenizer.get_vocab().values()) + 1
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_causal_lm(tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

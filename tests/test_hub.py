@@ -9,11 +9,11 @@ import torch
 import yaml
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from tiny import make_tokenizer, tiny_llama_config
 from trl_ladi import LaDiRLConfig, LaDiRModel, LaDiRPipeline
 from trl_ladi.hub import CARD_TAGS, push_ladir_model, write_model_card
+from trl_ladi.testing import make_tokenizer, tiny_causal_lm, tiny_ladir_model
 
 REPO_ID = "someone/tiny-ladirl"
 METRICS = {"before RL": {"pass@1": 0.25, "pass@8": 0.5}, "after RL": {"pass@1": 0.375, "pass@8": 0.625}}
@@ -21,11 +21,9 @@ METRICS = {"before RL": {"pass@1": 0.25, "pass@8": 0.5}, "after RL": {"pass@1": 
 
 @pytest.fixture
 def tiny():
-    torch.manual_seed(0)
     tokenizer = make_tokenizer()
-    base = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
-    model = LaDiRModel.from_base(
-        base, latent_tokens_per_block=3, latent_dim=8, encoder_lora_rank=4, reasoner_lora_rank=4, max_blocks=2
+    model = tiny_ladir_model(
+        tokenizer, seed=0, latent_tokens_per_block=3, latent_dim=8, encoder_lora_rank=4, reasoner_lora_rank=4, max_blocks=2
     )
     torch.nn.init.normal_(model.velocity_head.linear.weight, std=0.1)  # not the all-zero initial head
     return model.eval(), tokenizer
@@ -134,7 +132,7 @@ def test_saved_config_records_the_base_hub_id_and_never_a_local_folder(tmp_path)
 
     tokenizer = make_tokenizer()
     base_dir = tmp_path / "base"
-    AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer)).save_pretrained(base_dir)
+    tiny_causal_lm(tokenizer, seed=None).save_pretrained(base_dir)
     sizes = dict(latent_tokens_per_block=3, latent_dim=8, encoder_lora_rank=4, reasoner_lora_rank=4)
 
     def saved_config(model, name):
@@ -159,3 +157,43 @@ def test_saved_config_records_the_base_hub_id_and_never_a_local_folder(tmp_path)
     (tmp_path / "default" / "config.json").write_text(json.dumps(record))
     config = LaDiRConfig.from_pretrained(tmp_path / "default")
     assert config.base_model_name_or_path is None and "/home/someone" not in config.to_json_string()
+
+
+class _WritesAFileWhenUnpickled:
+    """A pickle payload that runs code: unpickling it writes `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (_write_marker, (self.path,))
+
+
+def _write_marker(path):
+    with open(path, "w") as marker:
+        marker.write("code ran")
+
+
+def test_pickle_only_folders_are_refused_without_being_unpickled(tiny, tmp_path):
+    model, tokenizer = tiny
+    marker = tmp_path / "code_ran"
+    pickled = tmp_path / "pickled-ladir"
+    model.save_pretrained(pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({"payload": _WritesAFileWhenUnpickled(marker)}, pickled / "pytorch_model.bin")
+    base = tmp_path / "pickled-base"
+    base.mkdir()
+    model.config.text_config.save_pretrained(base)
+    shutil.copy(pickled / "pytorch_model.bin", base / "pytorch_model.bin")
+
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*save_pretrained"):
+        LaDiRModel.from_pretrained(pickled)
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\)"):
+        LaDiRModel.from_base(base)
+    model.save_pretrained(tmp_path / "safe")
+    with pytest.raises(ValueError, match="never runs code from a model folder"):
+        LaDiRModel.from_pretrained(tmp_path / "safe", trust_remote_code=True)
+    assert not marker.exists()
+    # the payload is live: unpickling it without the check would have run its code
+    torch.load(pickled / "pytorch_model.bin", weights_only=False)
+    assert marker.read_text() == "code ran"

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from tiny import make_tokenizer, tiny_llama_config, tiny_qwen2_config
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from trl_ladi import LaDiRPipeline, sampling
 from trl_ladi.modeling import ENCODER_ADAPTER, REASONER_ADAPTER, LaDiRConfig, LaDiRModel, tokenize_prompts
+from trl_ladi.testing import FAMILIES, make_tokenizer, tiny_causal_lm, tiny_config, tiny_ladir_model
 
 L, D, K, MAX_BLOCKS = 3, 8, 4, 3
 PROMPTS = ["what is 3 plus 4 ?", "the cat sat on the mat so"]
-CONFIGS = {"llama": tiny_llama_config, "qwen2": tiny_qwen2_config}
 # peft warns when a second adapter is injected into the same LM; two adapters are the design
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
 
@@ -23,12 +22,10 @@ def tokenizer():
 def build(tokenizer, family="llama", seed=0, randomize=True, **kwargs):
     """A tiny LaDiR model. The velocity head and LoRA B matrices start at zero; ``randomize`` gives them (and the
     stop head) random values so that velocities, stop decisions and adapters are not trivial."""
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(CONFIGS[family](tokenizer))
     options = dict(latent_tokens_per_block=L, latent_dim=D, encoder_lora_rank=4, reasoner_lora_rank=4,
                    max_blocks=MAX_BLOCKS, num_denoise_steps=K)
     options.update(kwargs)
-    model = LaDiRModel.from_base(base, **options)
+    model = tiny_ladir_model(tokenizer, family, seed, **options)
     if randomize:
         with torch.no_grad():
             for parameter in model.velocity_head.parameters():
@@ -64,7 +61,7 @@ def recompute(model, prompt_ids, prompt_mask, trace, num_latents, sde_noise_leve
 # ------------------------------------------------------------------ cached sampler == packed forward
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cfg_scale, diversity", [(1.0, 0.0), (2.5, 0.6)])
 def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale, diversity):
     model = build(tokenizer, family).double()
@@ -83,7 +80,7 @@ def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale,
     torch.testing.assert_close(out["stds"], trace.step_stds, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_recomputed_log_probs_equal_stored_float32(tokenizer, family):
     model = build(tokenizer, family, seed=3)
     prompt_ids, prompt_mask = prompts(tokenizer)
@@ -249,7 +246,7 @@ def test_clean_block_hidden_states_are_bidirectional(tokenizer):
     torch.testing.assert_close(captured[0][:, :prompt_length], captured[1][:, :prompt_length], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_left_padding_changes_nothing(tokenizer, family):
     model = build(tokenizer, family, seed=15)
@@ -337,7 +334,7 @@ def frozen_cfg_offset_log_probs(model, ids, mask, trace, a, cfg_offsets):
                                      trace.block_mask, steps, a)["log_probs"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_guided_log_probs_are_the_same_function_of_the_weights_in_sampler_and_loss(tokenizer, family):
     """With CFG on, the loss's log-probability of a recorded transition equals the sampler's at any weights, not only
     at those that sampled it: both are `policy_step` of the guided velocity."""
@@ -556,8 +553,7 @@ def test_vae_training_lowers_reconstruction_loss(tokenizer, statistical_seed, ma
     batch = _sentence_batch(tokenizer)
     # the VAE decoder is the frozen base LM, so it needs a base that knows some language: a few LM steps on the
     # sentences stand in for pre-training (a randomly initialised tiny LM can not be steered by a prefix at all)
-    torch.manual_seed(23 + statistical_seed)
-    base = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
+    base = tiny_causal_lm(tokenizer, seed=23 + statistical_seed)
     optimizer = torch.optim.Adam(base.parameters(), lr=1e-2)
     labels = batch["target_ids"].masked_fill(batch["target_mask"] == 0, -100)
     for _ in range(50):
@@ -565,7 +561,9 @@ def test_vae_training_lowers_reconstruction_loss(tokenizer, statistical_seed, ma
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model = LaDiRModel.from_base(base, latent_tokens_per_block=L, latent_dim=D, encoder_lora_rank=4, reasoner_lora_rank=4)
+    model = tiny_ladir_model(
+        language_model=base, seed=None, latent_tokens_per_block=L, latent_dim=D, encoder_lora_rank=4, reasoner_lora_rank=4
+    )
     frozen_base = {n: p.detach().clone() for n, p in model.language_model.named_parameters() if "lora_" not in n}
     model.train_only(model.vae_parameters())
     before = _evaluate(model, "vae", batch, seed=statistical_seed)
@@ -687,7 +685,7 @@ def test_latent_sizes_that_do_not_fit(tokenizer, options, message):
     config = dict(latent_tokens_per_block=L, latent_dim=D)
     config.update(options)
     with pytest.raises(ValueError, match=message):
-        LaDiRConfig(text_config=tiny_llama_config(tokenizer), **config)
+        LaDiRConfig(text_config=tiny_config(tokenizer), **config)
 
 
 def test_tokenizer_without_pad_token_says_how_to_fix_it():

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_ladi.data import prepare_cot_dataset
+from trl_ladi.modeling import require_safetensors
 
 DEFAULT_ANSWER_TEMPLATE = "#### {answer}"
 
@@ -58,7 +59,8 @@ def train_text_sft(
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype="float32")
+    require_safetensors(model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype="float32", use_safetensors=True)
     trainer = SFTTrainer(
         model=model,
         args=args,

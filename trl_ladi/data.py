@@ -230,8 +230,10 @@ def prepare_cot_dataset(
 
     Args:
         dataset (`datasets.Dataset`): one split of your data.
-        prompt_column, reasoning_column, answer_column, solution_column (`str`): the names of those columns in
-            `dataset`; the prompt column is renamed to `prompt`.
+        prompt_column (`str`): the name of the prompt column in `dataset`; it is renamed to `prompt`.
+        reasoning_column (`str`): the name of the worked-reasoning column.
+        answer_column (`str`): the name of the final-answer column.
+        solution_column (`str`): the name of a GSM8K-style solution column, used when reasoning or answer is missing.
         drop_invalid (`bool`, defaults to `False`): rows with an empty prompt, reasoning or answer, or a solution
             without a `####` marker, raise a `ValueError` naming their indices. With `True` they are dropped
             instead, with a warning naming them.

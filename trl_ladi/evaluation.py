@@ -321,12 +321,13 @@ def _load_generate_fn(path: str, args) -> Callable:
         model_type = json.load(config_file).get("model_type")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if model_type == "ladir":
-        from trl_ladi.modeling import LaDiRModel
+    from trl_ladi.modeling import LaDiRModel, require_safetensors
 
+    if model_type == "ladir":
         model = LaDiRModel.from_pretrained(path).to(device).eval()
         return ladir_generate_fn(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    require_safetensors(path)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
     return causal_lm_generate_fn(
         model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size
     )

@@ -24,6 +24,7 @@ Two ways to run the reasoner give the same numbers (tested):
 
 import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -60,7 +61,8 @@ class LaDiRConfig(PretrainedConfig):
         latent_tokens_per_block (`int`, defaults to 4): latent tokens ``L`` per reasoning block (one sentence).
         latent_dim (`int`, defaults to 128): size ``D`` of one latent token.
         max_blocks (`int`, defaults to 6): most latent blocks the reasoner writes before it must answer.
-        encoder_lora_rank / reasoner_lora_rank (`int`): LoRA ranks of the VAE encoder and of the reasoner adapters.
+        encoder_lora_rank (`int`, defaults to 64): LoRA rank of the VAE encoder adapter.
+        reasoner_lora_rank (`int`, defaults to 64): LoRA rank of the reasoner adapter.
         lora_alpha_ratio (`float`, defaults to 2.0): LoRA alpha as a multiple of the rank.
         lora_target_modules (`list[str]`): linear layers of the base LM that get adapters.
         timestep_embedding_dim (`int`, defaults to 256): sinusoidal features of the diffusion time.
@@ -149,6 +151,31 @@ class LaDiRConfig(PretrainedConfig):
             raise ValueError(f"timestep_embedding_dim must be even, got {self.timestep_embedding_dim}.")
         if not 0 < self.sde_max_t < 1:
             raise ValueError(f"sde_max_t must be in (0, 1), got {self.sde_max_t}.")
+
+
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(name_or_path) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files.
+
+    Unpickling can run code that the file carries, so trl_ladi loads safetensors only (and never `trust_remote_code`).
+    Hub ids are passed on with `use_safetensors=True`, which makes transformers fetch nothing else.
+    """
+    path = os.fspath(name_or_path)
+    if not os.path.isdir(path):
+        return
+    files = os.listdir(path)
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(name for name in files if name.endswith(PICKLE_WEIGHT_SUFFIXES))
+    if pickles:
+        raise ValueError(
+            f"The model folder {path} has only pickle weights ({', '.join(pickles)}) and no .safetensors file. "
+            "trl_ladi loads safetensors only: unpickling a file can run code it carries. If you trust the file, convert "
+            "it once: `model = AutoModelForCausalLM.from_pretrained(folder)` then `model.save_pretrained(new_folder)` "
+            "(transformers writes safetensors)."
+        )
 
 
 @dataclass(frozen=True)
@@ -342,10 +369,11 @@ class LaDiRModel(PreTrainedModel):
     ) -> "LaDiRModel":
         """Wrap a causal LM (a local directory, a hub id when online, or a loaded model) into a fresh LaDiR model."""
         if isinstance(base_model, (str, bytes)) or hasattr(base_model, "__fspath__"):
+            require_safetensors(base_model)
             base_config = AutoConfig.from_pretrained(base_model)
             if base_config.model_type not in SUPPORTED_MODEL_TYPES:
                 LaDiRConfig(text_config=base_config)  # raises the unsupported-type error before loading weights
-            base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype or torch.float32)
+            base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype or torch.float32, use_safetensors=True)
         config = LaDiRConfig(
             text_config=base_model.config,
             latent_tokens_per_block=latent_tokens_per_block,
@@ -354,6 +382,18 @@ class LaDiRModel(PreTrainedModel):
             **config_kwargs,
         )
         return cls(config, language_model=base_model)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "LaDiRModel":
+        """Load a saved LaDiR model (a folder or a Hub id). Safetensors weights only, and no code from the folder."""
+        if kwargs.get("trust_remote_code"):
+            raise ValueError(
+                "LaDiRModel.from_pretrained never runs code from a model folder; drop trust_remote_code=True (a LaDiR "
+                "model needs none: its classes are in trl_ladi)."
+            )
+        require_safetensors(pretrained_model_name_or_path)
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # ------------------------------------------------------------------ adapters
 

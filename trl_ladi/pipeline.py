@@ -282,6 +282,11 @@ class LaDiRPipeline:
         tokens, next_tokens = [], None
         for _ in range(max_new_tokens):
             logits = self.model.answer_step(context, next_tokens)
+            # a NaN / inf latent upstream makes its rows' logits NaN: those answers end here, empty (the trace keeps
+            # the NaN, for the caller's numeric guard to see)
+            non_finite = ~torch.isfinite(logits).all(-1)
+            logits = logits.masked_fill(non_finite[:, None], 0.0)
+            broken = non_finite & ~finished
             log_probabilities = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
             entropy_sum += (-(log_probabilities.exp() * log_probabilities).sum(-1)).masked_fill(finished, 0)
             entropy_count += (~finished).float()
@@ -291,6 +296,8 @@ class LaDiRPipeline:
             else:
                 next_tokens = logits.argmax(-1)
             next_tokens = next_tokens.masked_fill(finished, pad_token_id)
+            next_tokens = next_tokens.masked_fill(broken, eos_token_ids[0] if eos_token_ids else pad_token_id)
+            finished |= broken
             tokens.append(next_tokens)
             if eos_token_ids:
                 finished |= torch.isin(next_tokens, torch.tensor(eos_token_ids, device=device))

@@ -175,8 +175,9 @@ def math_accuracy_reward(completions: list, answer: list | None = None, solution
     Args:
         completions: Plain strings, or conversations (lists of `{"role", "content"}` messages; the last assistant
             message is judged).
-        answer / solution: The gold answers, one per completion: a bare answer (`"42"`, `"\\frac{3}{4}"`), a
-            GSM8K-style solution ending in `#### 42`, or a solution with a `\\boxed{}` answer.
+        answer: The gold answers, one per completion: a bare answer (`"42"`, `"\\frac{3}{4}"`), a GSM8K-style
+            solution ending in `#### 42`, or a solution with a `\\boxed{}` answer.
+        solution: Read instead of `answer` when the dataset has a `solution` column and no `answer` column.
         **kwargs: The other dataset columns and TRL's extra arguments, ignored.
 
     Returns:

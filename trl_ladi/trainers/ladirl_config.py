@@ -73,6 +73,14 @@ class LaDiRLConfig(GRPOConfig):
         default=None,
         metadata={"help": "Most latent blocks per trace before the answer is forced. Defaults to the model config."},
     )
+    on_non_finite: str = field(
+        default="skip",
+        metadata={"help": "What a NaN or inf in a rollout (a trace's latents, hence its velocities, or its "
+                  "log-probabilities) or in the loss does. `'skip'`: a warning names the step and what went non-finite; "
+                  "the traces are left out of the update (advantage 0), and a non-finite loss drops the whole optimizer "
+                  "step (no parameter moves). `'stop'`: training stops with an error naming the same. Non-finite "
+                  "rewards are handled per answer (see the reward docs) in both modes.", "choices": ["skip", "stop"]},
+    )
     text_policy_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of the complementary token-level policy-gradient term on the answers, with the "
@@ -137,6 +145,8 @@ class LaDiRLConfig(GRPOConfig):
                              f"{self.initial_noise_scale}.")
         if self.diversity_guidance_scale < 0:
             raise ValueError(f"diversity_guidance_scale must be >= 0, got {self.diversity_guidance_scale}.")
+        if self.on_non_finite not in ("skip", "stop"):
+            raise ValueError(f"on_non_finite must be 'skip' or 'stop', got {self.on_non_finite!r}.")
         if self.num_decodes_per_latent < 1:
             raise ValueError(f"num_decodes_per_latent must be at least 1, got {self.num_decodes_per_latent}.")
         if self.sde_noise_level <= 0:

@@ -24,6 +24,7 @@ from collections import Counter, defaultdict, deque
 
 import torch
 from accelerate.utils import gather_object
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
@@ -39,6 +40,19 @@ from trl_ladi.trainers.ladirl_config import LaDiRLConfig
 ADVANTAGE_EPS = 1e-4  # as GRPO
 
 logger = logging.getLogger(__name__)
+
+
+class _DropNonFiniteUpdate(TrainerCallback):
+    """`on_non_finite="skip"`: the optimizer step of a window whose loss was non-finite moves no parameter."""
+
+    def __init__(self):
+        self.pending = False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.pending:
+            for parameter in model.parameters():
+                parameter.grad = None  # torch optimizers leave a parameter without a gradient untouched
+            self.pending = False
 
 
 def _checked_reward_func(reward_func, name: str):
@@ -168,6 +182,8 @@ class LaDiRLTrainer(GRPOTrainer):
             for func, name in zip(self.reward_funcs, self.reward_func_names)
         ]
         self.num_decodes_per_latent = args.num_decodes_per_latent
+        self._drop_non_finite_update = _DropNonFiniteUpdate()
+        self.add_callback(self._drop_non_finite_update)
         self._max_latent_blocks = max_latent_blocks  # dr_grpo's constant normaliser
         self.ref_denoiser = None
         if reference is not None:
@@ -290,15 +306,17 @@ class LaDiRLTrainer(GRPOTrainer):
                 pad_token_id=self.processing_class.pad_token_id,
             )
             trace = samples.trace
+            # numeric guard: a NaN / inf velocity makes the trace's latents non-finite; its log-probs may be too
+            finite_rows = self._finite_trace_rows(trace)
             output.update(
-                step_latents=trace.step_latents,
+                step_latents=trace.step_latents.nan_to_num(0.0, 0.0, 0.0),  # a skipped trace must not poison the loss
                 timesteps=trace.timesteps.expand(batch, -1),
-                mean_offsets=trace.mean_offsets,
+                mean_offsets=trace.mean_offsets.nan_to_num(0.0, 0.0, 0.0),
                 block_mask=trace.block_mask,
                 step_indices=self._sample_step_indices(batch, trace.step_log_probs.shape[2]),
             )
             num_blocks = trace.block_mask.shape[1]
-            output["sampler_log_probs"] = trace.step_log_probs.gather(
+            output["sampler_log_probs"] = trace.step_log_probs.nan_to_num(0.0, 0.0, 0.0).gather(
                 2, output["step_indices"][:, None, :].expand(-1, num_blocks, -1)
             )
             completion_tensors = [torch.tensor(ids, device=device) for ids in samples.completion_ids]
@@ -355,6 +373,8 @@ class LaDiRLTrainer(GRPOTrainer):
                 "(advantage 0), their other answers included.", int(utility.isinf().sum()), utility.numel()
             )
         utility = utility.masked_fill(utility.isinf(), float("nan"))
+        # traces the numeric guard skipped: no utility, so no advantage, and they do not shift their group's statistics
+        utility = utility.masked_fill(~self.accelerator.gather(finite_rows), float("nan"))
 
         # 5. advantages over the N latents of each prompt, with GRPO's `scale_rewards` semantics
         grouped_utility = utility.view(-1, num_latents)
@@ -377,7 +397,7 @@ class LaDiRLTrainer(GRPOTrainer):
                 text_advantages = text_advantages / (nanstd(local_rewards, dim=1).unsqueeze(1) + ADVANTAGE_EPS)
             elif self.scale_rewards == "batch":
                 text_advantages = text_advantages / (nanstd(rewards_per_latent) + ADVANTAGE_EPS)
-            output["text_advantages"] = torch.nan_to_num(text_advantages, nan=0.0)
+            output["text_advantages"] = torch.nan_to_num(text_advantages, nan=0.0) * finite_rows[:, None]
 
         self._log_rollout(
             mode, inputs, prompts, completions, completion_texts, completion_mask, rewards_per_func, rewards, utility,
@@ -390,6 +410,36 @@ class LaDiRLTrainer(GRPOTrainer):
         if args.text_policy_coef > 0:
             output["num_text_items_in_batch"] = self.accelerator.gather(completion_mask.sum()).sum().float()
         return output
+
+    def _finite_trace_rows(self, trace) -> torch.Tensor:
+        """Which sampled traces are finite (latents and the log-probs of their real blocks); the others are reported
+        and skipped, or stop training, as `on_non_finite` says."""
+        finite_latents = trace.step_latents.flatten(1).isfinite().all(1)
+        real_steps = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
+        finite_log_probs = (trace.step_log_probs.isfinite() | ~real_steps).flatten(1).all(1)
+        finite_rows = finite_latents & finite_log_probs
+        if not finite_rows.all():
+            what = []
+            if not finite_latents.all():
+                what.append(f"latents of {int((~finite_latents).sum())} (a non-finite velocity or latent input)")
+            if not finite_log_probs.all():
+                what.append(f"denoising log-probabilities of {int((~finite_log_probs).sum())}")
+            message = (
+                f"Step {self.state.global_step + 1}: NaN/inf in the sampled {' and '.join(what)} of {finite_rows.numel()} "
+                "latent traces"
+            )
+            if self.args.on_non_finite == "stop":
+                raise FloatingPointError(
+                    f"{message}. Training stopped (on_non_finite='stop'); the last saved checkpoint is intact. Check the "
+                    "model's weights for NaN, lower the learning rate, or set on_non_finite='skip' to leave such traces "
+                    "out of the update."
+                )
+            logger.warning("%s: they are left out of this update (advantage 0).", message)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["non_finite/skipped_traces"].append(
+            self.accelerator.gather((~finite_rows).sum()[None]).sum().item()
+        )
+        return finite_rows
 
     def _sample_step_indices(self, batch: int, num_steps: int) -> torch.Tensor:
         """Which denoising steps of each trace enter the loss: a random subset, the same for every block."""
@@ -468,6 +518,24 @@ class LaDiRLTrainer(GRPOTrainer):
         return masked.sum(-1).mean() / accumulation  # luspo
 
     def _compute_loss(self, model, inputs):
+        loss = self._policy_loss(model, inputs)
+        # numeric guard: every process must agree, since the gradients of a non-finite loss reach all of them
+        non_finite = self.accelerator.gather((~torch.isfinite(loss.detach()))[None].float()).sum().item() > 0
+        if non_finite:
+            message = f"Step {self.state.global_step + 1}: the loss is non-finite ({loss.item()})"
+            if self.args.on_non_finite == "stop" or self.is_deepspeed_enabled:
+                why = "on_non_finite='stop'" if not self.is_deepspeed_enabled else "DeepSpeed owns the optimizer step"
+                raise FloatingPointError(
+                    f"{message}. Training stopped ({why}); the last saved checkpoint is intact. Check the model's "
+                    "weights and the rollout for NaN, or lower the learning rate."
+                )
+            logger.warning("%s: this optimizer step is dropped, no parameter moves.", message)
+            self._drop_non_finite_update.pending = True
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["non_finite/skipped_updates"].append(float(non_finite))
+        return loss
+
+    def _policy_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         use_text_policy = self.args.text_policy_coef > 0
         # one call of the wrapped model, so DDP / DeepSpeed hooks see every parameter that gets a gradient

@@ -16,8 +16,6 @@ class LaDiRSFTConfig(TrainingArguments):
     rest. Defaults suit small runs (LoRA adapters and fresh heads: a higher learning rate than full fine-tuning).
 
     Parameters:
-        > Stage
-
         stage (`str`, defaults to `"vae"`):
             `"vae"`: train the β-VAE that turns a reasoning sentence into a block of latent tokens and back.
             `"reasoner"`: train the latent diffusion reasoner (flow matching on the VAE's latents, answer and stop
@@ -25,8 +23,6 @@ class LaDiRSFTConfig(TrainingArguments):
             `"rollout"`: LaDiR's second reasoner stage: the answer loss is taken on latents the reasoner generates
             from noise (`rollout_denoise_steps` Euler steps, gradients through them); flow and stop losses on the
             VAE's latents stay as an anchor. Run `"reasoner"` first.
-
-        > Data
 
         max_sentence_length (`int`, defaults to `64`):
             Tokens kept of each reasoning sentence (one latent block).
@@ -37,8 +33,6 @@ class LaDiRSFTConfig(TrainingArguments):
         answer_template (`str`, defaults to `"The answer is {answer}."`):
             How the `answer` column becomes the answer text the reasoner learns to write after its latent blocks
             (LaDiR separates the reasoning from the answer at "The answer is"). Must contain `{answer}`.
-
-        > VAE stage
 
         kl_weight (`float`, defaults to `1e-5`):
             β of the β-VAE loss (LaDiR: 1e-5).
@@ -51,8 +45,6 @@ class LaDiRSFTConfig(TrainingArguments):
         scaling_num_sentences (`int`, defaults to `1024`):
             Training sentences encoded after the VAE stage to measure `latent_scaling_factor = 1 / std(mu)`, which is
             written into the model config so the reasoner works on unit-variance latents.
-
-        > Reasoner stage
 
         flow_weight (`float`, defaults to `5.0`):
             Weight of the flow-matching loss (LaDiR: 5).

@@ -108,7 +108,8 @@ class LaDiRSFTTrainer(Trainer):
         eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*): same columns; evaluation
             logs the stage's losses.
         processing_class (`PreTrainedTokenizerBase`): the base model's tokenizer (needs pad and eos tokens).
-        callbacks, optimizers: as in [`~transformers.Trainer`].
+        callbacks (`list[TrainerCallback]`, *optional*): as in [`~transformers.Trainer`].
+        optimizers (`tuple`, *optional*): as in [`~transformers.Trainer`].
     """
 
     # compute_loss returns a per-batch mean, so training_step divides it by the gradient accumulation steps
