@@ -41,7 +41,7 @@ def run_once(seed: int, threads: int, log_path: Path, pytest_args: list[str]) ->
         HF_HUB_DISABLE_TELEMETRY="1",
         TOKENIZERS_PARALLELISM="false",
     )
-    # the tests import `tiny` from tests/ (pytest's rootdir insertion) and `trl_ladi` from this checkout
+    # the tests import `trl_ladi` (its `testing` builders included) from this checkout
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "pytest", "-m", "statistical", "-q", "-p", "no:cacheprovider", *pytest_args]
     start = time.perf_counter()

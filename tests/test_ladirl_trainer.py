@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -551,6 +553,47 @@ def test_checkpoint_saves_and_resumes(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path):
+    """SIGKILL in a real subprocess while step 3 runs (checkpoint-2 written), then `resume_from_checkpoint=True` in a
+    new process: the losses of steps 3-6 and the final weights equal those of an uninterrupted run, bit for bit (one
+    thread, fixed seed: the CPU computation is deterministic)."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "train_ladirl_resumable.py")
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+
+    def run(output_dir, *flags):
+        result = subprocess.run([sys.executable, script, str(output_dir), *flags], capture_output=True, text=True,
+                                env=environment, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, script, str(killed), "--hang", "3"], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "hanging").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it reached step 3"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"]
+    run(killed, "--resume")
+
+    straight_losses = json.loads((tmp_path / "straight" / "losses.json").read_text())
+    resumed_losses = json.loads((killed / "losses.json").read_text())
+    # the resumed run's history holds steps 1-2 from checkpoint-2 and steps 3-6 it trained itself
+    assert resumed_losses == straight_losses and len(straight_losses) == 6
+    straight = LaDiRModel.from_pretrained(tmp_path / "straight" / "final").state_dict()
+    resumed = LaDiRModel.from_pretrained(killed / "final").state_dict()
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    first = LaDiRModel.from_pretrained(killed / "checkpoint-2").velocity_head.linear.weight
+    assert not torch.equal(first, straight["velocity_head.linear.weight"])  # steps 3-6 did move the policy
+
+
 def test_resume_true_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, caplog):
     """A kill while checkpoint-4 was being written leaves its weights but no trainer state: resume_from_checkpoint=
     True resumes from checkpoint-2 (the last complete one), says so, and leaves checkpoint-4 on disk."""
@@ -720,6 +763,32 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"longest prompt \(row 1\) has 6\d\d tokens.*base model has 512"):
         LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
                       train_dataset=Dataset.from_dict({"prompt": [PROMPTS[0], long_prompt]}), processing_class=tokenizer)
+    chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": prompt}] for prompt in PROMPTS]})
+    no_template = make_tokenizer()
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="chat messages, but the tokenizer has no chat template"):
+        LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args, train_dataset=chat,
+                      processing_class=no_template)
+
+
+def test_a_saved_ladir_folder_that_is_incomplete_or_inconsistent_is_refused_before_training(tmp_path):
+    model, tokenizer = make_model()
+    model.save_pretrained(tmp_path / "no-weights")
+    tokenizer.save_pretrained(tmp_path / "no-weights")
+    (tmp_path / "no-weights" / "model.safetensors").unlink()
+    model.save_pretrained(tmp_path / "mismatch")
+    tokenizer.save_pretrained(tmp_path / "mismatch")
+    config = json.loads((tmp_path / "mismatch" / "config.json").read_text())
+    config["latent_dim"] = 16  # the weights were saved with 8
+    (tmp_path / "mismatch" / "config.json").write_text(json.dumps(config))
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    for folder, message in (
+        ("no-weights", "no-weights has no weights.*save_pretrained"),
+        ("mismatch", "mismatch do not fit its config.json.*saved with these weights"),
+    ):
+        with pytest.raises((FileNotFoundError, ValueError), match=message):
+            LaDiRLTrainer(model=str(tmp_path / folder), reward_funcs=digit_fraction_reward, args=make_args(tmp_path),
+                          train_dataset=dataset)
 
 
 def answer_http_503(completions, **kwargs):

@@ -305,3 +305,41 @@ def test_python_guards_alone(workdir_root, tmp_path, monkeypatch):
     assert score(reward, completions) == [0.0, 0.0, 0.0, 0.0, 1.0]
     assert sentinel.read_text() == "keep me"
     assert_host_untouched(workdir_root)
+
+
+def test_a_batch_of_64_mixing_hostile_and_correct_programs(reward, tmp_path, workdir_root, monkeypatch):
+    """Under load: 32 correct programs and 32 hostile ones (8 kinds x 4) in one call. The correct ones score 1, the
+    hostile 0, nothing outside the sandboxes changes, and the batch ends within its bound: 64 programs on 4 workers
+    are 16 rounds, each at most the timeout plus 2 s of start-up and clean-up."""
+    monkeypatch.setenv(SECRET_NAME, SECRET_VALUE)
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    project_files = set(os.listdir(project))
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("keep me")
+    attacks = [
+        "import os\nwhile True:\n    os.fork()",
+        "while True:\n    pass",
+        "x = bytearray(10 * 2**30)",
+        f"import os\nos.remove({str(sentinel)!r})",
+        "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
+        f"import os\nassert os.environ.get({SECRET_NAME!r}) == {SECRET_VALUE!r}",
+        f"open({os.path.join(project, 'written_by_a_sandbox.txt')!r}, 'w').write('x')",
+        "import subprocess\nsubprocess.run(['sleep', '30'])",
+    ]
+    completions, expected = [], []
+    for index in range(64):
+        if index % 2 == 0:
+            completions.append(CORRECT_BODY)
+            expected.append(1.0)
+        else:
+            completions.append(hostile(attacks[(index // 2) % len(attacks)]))
+            expected.append(0.0)
+    start = time.monotonic()
+    rewards = score(reward, completions)
+    seconds = time.monotonic() - start
+    assert rewards == expected
+    assert seconds < 16 * (TIMEOUT + 2), seconds
+    assert sentinel.read_text() == "keep me"
+    assert set(os.listdir(project)) == project_files
+    assert os.environ[SECRET_NAME] == SECRET_VALUE
+    assert_host_untouched(workdir_root)

@@ -157,7 +157,7 @@ PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def require_safetensors(name_or_path) -> None:
-    """Refuse a local model folder whose weights exist only as pickle files.
+    """Refuse a local model folder without weights, or whose weights exist only as pickle files.
 
     Unpickling can run code that the file carries, so trl_ladi loads safetensors only (and never `trust_remote_code`).
     Hub ids are passed on with `use_safetensors=True`, which makes transformers fetch nothing else.
@@ -169,13 +169,18 @@ def require_safetensors(name_or_path) -> None:
     if any(name.endswith(".safetensors") for name in files):
         return
     pickles = sorted(name for name in files if name.endswith(PICKLE_WEIGHT_SUFFIXES))
-    if pickles:
-        raise ValueError(
-            f"The model folder {path} has only pickle weights ({', '.join(pickles)}) and no .safetensors file. "
-            "trl_ladi loads safetensors only: unpickling a file can run code it carries. If you trust the file, convert "
-            "it once: `model = AutoModelForCausalLM.from_pretrained(folder)` then `model.save_pretrained(new_folder)` "
-            "(transformers writes safetensors)."
+    if not pickles:
+        raise FileNotFoundError(
+            f"The model folder {path} has no weights (no .safetensors file): a save that did not finish, or a file "
+            "that was moved. Save the model again with `model.save_pretrained(folder)`, or load a complete folder (each "
+            "checkpoint-N folder of a run holds its own model.safetensors)."
         )
+    raise ValueError(
+        f"The model folder {path} has only pickle weights ({', '.join(pickles)}) and no .safetensors file. "
+        "trl_ladi loads safetensors only: unpickling a file can run code it carries. If you trust the file, convert "
+        "it once: `model = AutoModelForCausalLM.from_pretrained(folder)` then `model.save_pretrained(new_folder)` "
+        "(transformers writes safetensors)."
+    )
 
 
 @dataclass(frozen=True)
@@ -393,7 +398,16 @@ class LaDiRModel(PreTrainedModel):
             )
         require_safetensors(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except (RuntimeError, ValueError) as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} do not fit its config.json (the sizes transformers "
+                "logged above differ): the config was edited, or the folder mixes two models. Use the config.json that "
+                "was saved with these weights, or save the model again with `model.save_pretrained(folder)`."
+            ) from error
 
     # ------------------------------------------------------------------ adapters
 
@@ -1024,6 +1038,11 @@ def tokenize_prompts(
     if pad_token_id is None:
         check_tokenizer(tokenizer)
         pad_token_id = tokenizer.pad_token_id
+    if getattr(tokenizer, "chat_template", None) is None and not all(isinstance(prompt, str) for prompt in prompts):
+        raise ValueError(
+            "The prompts are chat messages, but the tokenizer has no chat template to format them. Use the tokenizer "
+            "of an instruct model, set `tokenizer.chat_template`, or give the prompts as plain strings."
+        )
     texts = [
         prompt
         if isinstance(prompt, str)

@@ -1,0 +1,58 @@
+"""A 6-step LaDi-RL run on a tiny model that saves a checkpoint every 2 steps, for the kill-and-resume test.
+
+    python train_ladirl_resumable.py OUT              # the whole run
+    python train_ladirl_resumable.py OUT --hang 3     # stops inside step 3 until killed (after checkpoint-2)
+    python train_ladirl_resumable.py OUT --resume     # resume_from_checkpoint=True
+
+Writes OUT/losses.json (logged loss per step) and OUT/final (the trained model) when it finishes.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from datasets import Dataset
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from test_ladirl_trainer import PROMPTS, digit_fraction_reward, make_args, make_model  # noqa: E402
+
+from trl_ladi import LaDiRLTrainer  # noqa: E402
+
+
+class HangAtStep(TrainerCallback):
+    """Writes OUT/hanging and sleeps at the start of `step` (1-based), so the run can be killed there."""
+
+    def __init__(self, step: int, output_dir: str):
+        self.step, self.output_dir = step, output_dir
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            with open(os.path.join(self.output_dir, "hanging"), "w") as marker:
+                marker.write(str(os.getpid()))
+            while True:
+                time.sleep(1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--hang", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    options = parser.parse_args()
+    model, tokenizer = make_model()
+    args = make_args(options.output_dir, max_steps=6, save_strategy="steps", save_steps=2, learning_rate=5e-2)
+    callbacks = [HangAtStep(options.hang, options.output_dir)] if options.hang else None
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args, callbacks=callbacks,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS * 6}), processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=True if options.resume else None)
+    losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    with open(os.path.join(options.output_dir, "losses.json"), "w") as f:
+        json.dump(losses, f)
+    model.save_pretrained(os.path.join(options.output_dir, "final"))
+
+
+if __name__ == "__main__":
+    main()
