@@ -529,9 +529,12 @@ class LaDiRLTrainer(GRPOTrainer):
                     f"{message}. Training stopped ({why}); the last saved checkpoint is intact. Check the model's "
                     "weights and the rollout for NaN, or lower the learning rate."
                 )
+        mode = "train" if self.model.training else "eval"
+        if non_finite and mode == "train":
             logger.warning("%s: this optimizer step is dropped, no parameter moves.", message)
             self._drop_non_finite_update.pending = True
-        mode = "train" if self.model.training else "eval"
+        elif non_finite:
+            logger.warning("%s in evaluation.", message)
         self._metrics[mode]["non_finite/skipped_updates"].append(float(non_finite))
         return loss
 
