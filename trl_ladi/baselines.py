@@ -13,11 +13,11 @@ completion only, as TRL does for prompt/completion data) and saves the model and
 import time
 
 import datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_ladi.data import prepare_cot_dataset
-from trl_ladi.modeling import require_safetensors
+from trl_ladi.modeling import load_causal_lm
 
 DEFAULT_ANSWER_TEMPLATE = "#### {answer}"
 
@@ -59,8 +59,7 @@ def train_text_sft(
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    require_safetensors(model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype="float32", use_safetensors=True)
+    model = load_causal_lm(model_name_or_path, dtype="float32")
     trainer = SFTTrainer(
         model=model,
         args=args,

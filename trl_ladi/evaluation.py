@@ -312,7 +312,7 @@ def _load_dataset(name_or_path: str, num_examples: int | None):
 
 def _load_generate_fn(path: str, args) -> Callable:
     """A generate_fn for the model at `path`: LaDiR if its config says `model_type: ladir`, else a causal LM."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -321,13 +321,12 @@ def _load_generate_fn(path: str, args) -> Callable:
         model_type = json.load(config_file).get("model_type")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(path)
-    from trl_ladi.modeling import LaDiRModel, require_safetensors
+    from trl_ladi.modeling import LaDiRModel, load_causal_lm
 
     if model_type == "ladir":
         model = LaDiRModel.from_pretrained(path).to(device).eval()
         return ladir_generate_fn(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    require_safetensors(path)
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    model = load_causal_lm(path).to(device).eval()
     return causal_lm_generate_fn(
         model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size
     )

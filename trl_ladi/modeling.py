@@ -183,6 +183,12 @@ def require_safetensors(name_or_path) -> None:
     )
 
 
+
+def load_causal_lm(name_or_path, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with trl_ladi's loading rule: safetensors only (`require_safetensors`)."""
+    require_safetensors(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Where the tokens of a latent block sit: ``<bot>, t-embed, z_1..z_L, <eot>``, ``L + 3`` positions.
@@ -374,11 +380,10 @@ class LaDiRModel(PreTrainedModel):
     ) -> "LaDiRModel":
         """Wrap a causal LM (a local directory, a hub id when online, or a loaded model) into a fresh LaDiR model."""
         if isinstance(base_model, (str, bytes)) or hasattr(base_model, "__fspath__"):
-            require_safetensors(base_model)
             base_config = AutoConfig.from_pretrained(base_model)
             if base_config.model_type not in SUPPORTED_MODEL_TYPES:
                 LaDiRConfig(text_config=base_config)  # raises the unsupported-type error before loading weights
-            base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype or torch.float32, use_safetensors=True)
+            base_model = load_causal_lm(base_model, dtype=dtype or torch.float32)
         config = LaDiRConfig(
             text_config=base_model.config,
             latent_tokens_per_block=latent_tokens_per_block,
