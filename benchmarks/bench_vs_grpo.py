@@ -20,6 +20,11 @@ the split rollout-generation / scoring / loss+update (the same wrappers on both 
 
     python benchmarks/bench_vs_grpo.py              # SmolLM2-135M (a few minutes on 2 CPU cores)
     python benchmarks/bench_vs_grpo.py --tiny       # smoke run on a random 2-layer Llama (seconds)
+
+`--natural SFT_DIR LADIR_DIR` compares each method on its natural task instead (e.g. the `text-sft` and `ladir`
+folders that benchmarks/reproduce.py writes): GRPO from the text-SFT model writing its worked solution (up to
+`--grpo_max_completion_length` tokens, 128), LaDi-RL from the trained LaDiR model with its own stop head and short
+answers (`--max_completion_length`, 16 here), plain chain_sum prompts as both were trained on.
 """
 
 import argparse
@@ -132,15 +137,15 @@ def build_trainers(args, model_dir: str, workdir: Path):
     from trl_ladi.rewards import math_accuracy_reward
 
     num_steps = args.warmup + args.steps
-    dataset = load_math_dataset("chain_sum", split="train", num_examples=max(32, num_steps), seed=args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    plain = dict(conversational=False, instruction=None) if args.natural else {}  # as reproduce.py trains them
+    dataset = load_math_dataset("chain_sum", split="train", num_examples=max(32, num_steps), seed=args.seed, **plain)
+    tokenizer = AutoTokenizer.from_pretrained(args.natural[0] if args.natural else model_dir, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     common = dict(
         use_cpu=True,
         bf16=False,
-        max_completion_length=args.max_completion_length,
         temperature=1.0,
         max_steps=num_steps,
         learning_rate=1e-6,
@@ -153,11 +158,12 @@ def build_trainers(args, model_dir: str, workdir: Path):
     )
 
     torch.manual_seed(args.seed)
-    grpo_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    grpo_model = AutoModelForCausalLM.from_pretrained(args.natural[0] if args.natural else model_dir, dtype=torch.float32)
     grpo_args = GRPOConfig(
         output_dir=str(workdir / "grpo"),
         per_device_train_batch_size=args.num_generations,
         num_generations=args.num_generations,
+        max_completion_length=args.grpo_max_completion_length or args.max_completion_length,
         gradient_checkpointing=args.grpo_gradient_checkpointing,
         **common,
     )
@@ -167,18 +173,24 @@ def build_trainers(args, model_dir: str, workdir: Path):
     )
 
     torch.manual_seed(args.seed)
-    ladir_kwargs = dict(latent_dim=16) if args.tiny else {}
-    ladir = LaDiRModel.from_base(model_dir, max_blocks=args.blocks, num_denoise_steps=args.denoise_steps, **ladir_kwargs)
-    with torch.no_grad():  # always "another block": every trace writes exactly `blocks` blocks
-        ladir.stop_head.weight.zero_()
-        ladir.stop_head.bias[CONTINUE], ladir.stop_head.bias[ANSWER] = 1.0, -1.0
+    if args.natural:  # the trained model, stopping where its stop head says
+        ladir = LaDiRModel.from_pretrained(args.natural[1])
+    else:
+        ladir_kwargs = dict(latent_dim=16) if args.tiny else {}
+        ladir = LaDiRModel.from_base(model_dir, max_blocks=args.blocks, num_denoise_steps=args.denoise_steps,
+                                     **ladir_kwargs)
+        with torch.no_grad():  # always "another block": every trace writes exactly `blocks` blocks
+            ladir.stop_head.weight.zero_()
+            ladir.stop_head.bias[CONTINUE], ladir.stop_head.bias[ANSWER] = 1.0, -1.0
     ladirl_args = LaDiRLConfig(
         output_dir=str(workdir / "ladirl"),
         per_device_train_batch_size=args.num_latents,
         num_generations=args.num_latents,
         num_decodes_per_latent=args.num_decodes_per_latent,
+        max_completion_length=args.max_completion_length,
         num_denoise_steps=args.denoise_steps,
-        max_latent_blocks=args.blocks,
+        max_latent_blocks=None if args.natural else args.blocks,
+        latent_policy_parameters=args.latent_policy_parameters,
         sde_noise_level=0.7,
         gradient_checkpointing=False,
         **common,
@@ -265,16 +277,30 @@ def main():
     parser.add_argument("--num_generations", type=int, default=8, help="GRPO: completions G per prompt")
     parser.add_argument("--num_latents", type=int, default=4, help="LaDi-RL: latent traces N per prompt")
     parser.add_argument("--num_decodes_per_latent", type=int, default=2, help="LaDi-RL: answers M per latent")
-    parser.add_argument("--max_completion_length", type=int, default=64, help="C, for both")
+    parser.add_argument("--max_completion_length", type=int, default=None,
+                        help="C, for both (64); with --natural LaDi-RL's answers only (16)")
     parser.add_argument("--blocks", type=int, default=3, help="LaDi-RL: latent blocks per trace")
-    parser.add_argument("--denoise_steps", type=int, default=10, help="LaDi-RL: denoising steps K per block")
+    parser.add_argument("--denoise_steps", type=int, default=None,
+                        help="LaDi-RL: denoising steps K per block (10; with --natural 6, as the main job)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each trainer first")
     parser.add_argument("--steps", type=int, default=2, help="timed steps of each trainer")
+    parser.add_argument("--natural", nargs=2, metavar=("SFT_DIR", "LADIR_DIR"), default=None,
+                        help="each method on its natural task: GRPO from this text-SFT model, LaDi-RL from this "
+                             "trained LaDiR model (see the module docstring)")
+    parser.add_argument("--grpo_max_completion_length", type=int, default=None,
+                        help="GRPO's completion limit (default: --max_completion_length; 128 with --natural)")
+    parser.add_argument("--latent_policy_parameters", default="velocity_head",
+                        help="what LaDi-RL trains: velocity_head, denoiser_adapter or reasoner")
     parser.add_argument("--grpo_gradient_checkpointing", action="store_true",
                         help="GRPO with gradient checkpointing (TRL's default; off here by default, as for LaDi-RL)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/vs_grpo_<model>.json)")
     args = parser.parse_args()
+    natural_defaults = dict(max_completion_length=16, denoise_steps=6, grpo_max_completion_length=128)
+    other_defaults = dict(max_completion_length=64, denoise_steps=10)
+    for name, value in (natural_defaults if args.natural else other_defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.num_latents * args.num_decodes_per_latent != args.num_generations:
         parser.error("choose N * M = G so that both trainers score the same number of answers per prompt")
     warnings.filterwarnings("ignore")
@@ -323,19 +349,23 @@ def main():
             **{key: value for key, value in vars(args).items() if key != "output"},
             "answers_per_prompt": args.num_generations,
             "prompts_per_step": 1,
-            "dataset": "chain_sum (trl_ladi.data.load_math_dataset), conversational",
+            "dataset": "chain_sum (trl_ladi.data.load_math_dataset), "
+            + ("plain prompts" if args.natural else "conversational"),
             "reward": "trl_ladi.rewards.math_accuracy_reward",
             "dtype": "float32",
             "device": "cpu",
             "beta": 0.0,
             "grpo_gradient_checkpointing": args.grpo_gradient_checkpointing,
             "ladirl": {
-                "trained_parameters": "velocity head only (LaDiRLConfig.latent_policy_parameters='velocity_head', default)",
+                "trained_parameters": f"LaDiRLConfig.latent_policy_parameters='{args.latent_policy_parameters}'",
                 "train_timestep_fraction": 1.0,
                 "sde_noise_level": 0.7,
-                "stop_head": "forced to continue: every trace has exactly `blocks` latent blocks",
-                "weights": "fresh LaDiRModel.from_base (untrained heads; the cost of a step does not depend on them)",
+                "stop_head": "the trained model's own" if args.natural else
+                "forced to continue: every trace has exactly `blocks` latent blocks",
+                "weights": "trained LaDiR model (--natural)" if args.natural else
+                "fresh LaDiRModel.from_base (untrained heads; the cost of a step does not depend on them)",
             },
+            "grpo_weights": "text-SFT model (--natural)" if args.natural else "the base model",
             "trainable_parameters": {"grpo": grpo_runner.trainable, "ladirl": ladirl_runner.trainable},
             "order": "warmup steps of each, then timed steps interleaved ABBA",
         },
@@ -349,7 +379,8 @@ def main():
         "steps": {"grpo": grpo_runner.records, "ladirl": ladirl_runner.records},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    output = Path(args.output) if args.output else RESULTS / f"vs_grpo_{'tiny' if args.tiny else model_name}.json"
+    name = f"{'tiny' if args.tiny else model_name}{'_natural' if args.natural else ''}"
+    output = Path(args.output) if args.output else RESULTS / f"vs_grpo_{name}.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
 
     g, l = summaries["grpo"], summaries["ladirl"]
@@ -370,9 +401,14 @@ def main():
         ("mean answer length (tok)", g["mean_answer_tokens"]["mean"], l["mean_answer_tokens"]["mean"],
          ratios["mean_answer_tokens"]),
     ]
+    if args.natural:
+        shape = (f"GRPO from text SFT, C={args.grpo_max_completion_length}; LaDi-RL from LaDiR, answers <= "
+                 f"{args.max_completion_length}, {l['latent_blocks/mean']['mean']:.2f} blocks (own stop head) x "
+                 f"K={args.denoise_steps}, {args.latent_policy_parameters}")
+    else:
+        shape = f"C={args.max_completion_length}, {args.blocks} blocks x K={args.denoise_steps}"
     print(f"\n{model_name}: G={args.num_generations} vs N={args.num_latents} x M={args.num_decodes_per_latent}, "
-          f"C={args.max_completion_length}, {args.blocks} blocks x K={args.denoise_steps}, "
-          f"{args.steps} timed steps each (means)")
+          f"{shape}, {args.steps} timed steps each (means)")
     print(f"{'':26s} {'GRPO':>10s} {'LaDi-RL':>10s} {'LaDi/GRPO':>10s}")
     for name, grpo_value, ladirl_value, ratio in rows:
         ratio_text = f"{ratio:10.2f}" if ratio is not None else f"{'':10s}"

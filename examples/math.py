@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
-from transformers import AutoTokenizer, set_seed
+from transformers import AutoTokenizer
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import TrlParser
 
@@ -226,16 +226,16 @@ def load_ladir(path: str, training_args: LaDiRLConfig):
 
 
 def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args) -> dict:
-    """pass@k on the test problems, sampled as the RL rollouts sample (SDE policy, M decodes per latent)."""
+    """pass@k on the test problems, sampled as the RL rollouts sample (SDE policy, M decodes per latent). Every process
+    calls it and samples a share of the problems; each gets the whole result."""
     num_decodes = training_args.num_decodes_per_latent
     if script_args.eval_num_samples % num_decodes:
         raise ValueError(
             f"--eval_num_samples {script_args.eval_num_samples} must be a multiple of --num_decodes_per_latent "
             f"{num_decodes} (samples = latents x decodes per latent)."
         )
-    set_seed(training_args.seed)  # before and after RL see the same random stream
     generate_fn = ladir_generate_fn(
-        model.eval(),
+        model.to(PartialState().device).eval(),
         tokenizer,
         num_decodes_per_latent=num_decodes,
         num_denoise_steps=training_args.num_denoise_steps,
@@ -251,6 +251,8 @@ def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args
         num_samples=script_args.eval_num_samples,
         batch_size=script_args.eval_batch_size,
         answer_fn=answer_fn,
+        seed=training_args.seed,  # the same samples before and after RL, and on any number of processes
+        split_across_processes=True,  # every process evaluates its share of the problems
     )
 
 
@@ -273,11 +275,9 @@ def run(script_args, training_args, train_dataset, test_dataset, reward_func, an
     model, tokenizer = load_ladir(ladir_dir, training_args)
 
     results = {}
-    if state.is_main_process:
-        stage_start = time.perf_counter()
-        results["LaDiR (before RL)"] = evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args)
-        timings["eval_before_s"] = time.perf_counter() - stage_start
-    state.wait_for_everyone()
+    stage_start = time.perf_counter()
+    results["LaDiR (before RL)"] = evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args)
+    timings["eval_before_s"] = time.perf_counter() - stage_start
 
     stage_start = time.perf_counter()
     if training_args.deepspeed_plugin is not None:
@@ -296,13 +296,14 @@ def run(script_args, training_args, train_dataset, test_dataset, reward_func, an
     timings["ladirl_s"] = time.perf_counter() - stage_start
     del trainer, model
 
-    if not state.is_main_process:
-        return None
+    state.wait_for_everyone()  # the main process saved the model
     stage_start = time.perf_counter()
     model, tokenizer = load_ladir(training_args.output_dir, training_args)
     results["LaDi-RL (after RL)"] = evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args)
     timings["eval_after_s"] = time.perf_counter() - stage_start
     timings["total_s"] = time.perf_counter() - start
+    if not state.is_main_process:
+        return None
 
     json_path = os.path.join(training_args.output_dir, "pass_at_k.json")
     png_path = os.path.join(training_args.output_dir, "pass_at_k.png")

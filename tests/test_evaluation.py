@@ -1,5 +1,9 @@
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -227,3 +231,26 @@ def test_plot_pass_at_k(tmp_path):
     path = plot_pass_at_k(results, str(tmp_path / "curves.png"))
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_evaluation_split_across_two_processes_gives_the_numbers_of_one(tmp_path):
+    """16 problems in 6 batches of 3 (the last one short): two CPU processes take alternate batches, gather, and
+    every sampled answer and pass@k equals the one-process run's."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "evaluate_tiny.py")
+    config = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_configs", "ddp.yaml")
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+    runs = {}
+    for name, command in (
+        ("one", [sys.executable, script, str(tmp_path / "one")]),
+        ("two", [accelerate, "launch", "--num_processes", "2", "--config_file", config, script, str(tmp_path / "two")]),
+    ):
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "result.json").read_text())
+    assert runs["one"]["processes"] == 1 and runs["two"]["processes"] == 2
+    one, two = runs["one"]["per_problem"], runs["two"]["per_problem"]
+    assert [p["index"] for p in two] == list(range(16))
+    assert [p["answers"] for p in two] == [p["answers"] for p in one]
+    assert len({answer for p in one for answer in p["answers"]}) > 4  # real, varied samples
+    assert runs["two"]["pass_at_k"] == runs["one"]["pass_at_k"]

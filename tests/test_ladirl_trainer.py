@@ -164,7 +164,7 @@ def test_text_policy_advantages_compare_answers_of_the_same_latent(tmp_path, sca
 
 
 @pytest.mark.statistical
-@pytest.mark.parametrize("latent_policy_parameters", ["velocity_head", "reasoner"])
+@pytest.mark.parametrize("latent_policy_parameters", ["velocity_head", "denoiser_adapter", "reasoner"])
 def test_one_update_moves_each_trajectory_log_prob_with_the_sign_of_its_advantage(
     tmp_path, latent_policy_parameters, statistical_seed, margin
 ):
@@ -223,13 +223,56 @@ def test_velocity_head_policy_leaves_the_answer_decoder_untouched(tmp_path):
             assert torch.equal(parameter, shared_before[name]), name
 
 
-@pytest.mark.parametrize("latent_policy_parameters", ["velocity_head", "reasoner"])
+def test_denoiser_adapter_policy_moves_the_velocity_and_leaves_the_answer_decoder_bit_identical(tmp_path):
+    """The denoiser adapter acts at noisy-block positions only, which nothing else reads: after training it, the
+    answer decoder's and stop head's outputs are bit for bit those before, while the velocity field has moved."""
+    model, tokenizer = make_model()
+    args = make_args(tmp_path, max_steps=2, latent_policy_parameters="denoiser_adapter", denoiser_lora_rank=4)
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tokenizer)
+    assert model.config.denoiser_lora_rank == 4
+    adapter = model.adapter_parameters("denoiser")
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, PROMPTS[:2])
+    generator = torch.Generator().manual_seed(3)
+    inputs = dict(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+        latents=torch.randn(2, 2, 3, 8, generator=generator), block_mask=torch.tensor([[1, 1], [1, 0]]),
+        noisy_latents=torch.randn(2, 2, 3, 8, generator=generator), noisy_timesteps=torch.tensor([[0.9, 0.4], [0.7, 0.2]]),
+        noisy_block_index=torch.tensor([[0, 1], [0, 1]]),
+        answer_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), answer_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    )
+    with torch.no_grad():
+        before = model._packed_forward(**inputs)
+    others_before = {n: p.detach().clone() for n, p in model.named_parameters()
+                     if "velocity_head" not in n and ".denoiser." not in n}
+    adapter_before = [p.detach().clone() for p in adapter]
+    trainer.train()
+    assert {id(p) for p in trainer.optimizer.param_groups[0]["params"]} == {id(p) for p in model.denoiser_parameters()}
+    assert any(not torch.equal(p, q) for p, q in zip(adapter, adapter_before))  # the adapter learned
+    with torch.no_grad():
+        after = model._packed_forward(**inputs)
+    assert torch.equal(after["answer_logits"], before["answer_logits"])
+    assert torch.equal(after["stop_logits"], before["stop_logits"])
+    assert (after["velocity"] - before["velocity"]).abs().max() > 1e-4
+    for name, parameter in model.named_parameters():
+        if name in others_before:
+            assert torch.equal(parameter, others_before[name]), name
+    # the adapter is part of the saved model
+    reloaded_dir = tmp_path / "saved"
+    model.save_pretrained(reloaded_dir)
+    reloaded = LaDiRModel.from_pretrained(reloaded_dir)
+    assert reloaded.config.denoiser_lora_rank == 4
+    with torch.no_grad():
+        assert torch.equal(reloaded._packed_forward(**inputs)["velocity"], after["velocity"])
+
+
+@pytest.mark.parametrize("latent_policy_parameters", ["velocity_head", "denoiser_adapter", "reasoner"])
 def test_with_the_text_term_on_the_latent_loss_moves_only_the_parameters_of_its_policy(
     tmp_path, latent_policy_parameters
 ):
     """text_policy_coef > 0 makes the shared parameters trainable (the text term trains them); the latent loss must
     still move only the velocity head when latent_policy_parameters="velocity_head", and the shared ones too with
-    "reasoner"."""
+    "reasoner" and "denoiser_adapter" (whose gradient runs through the LM features the noisy blocks read)."""
     model, tokenizer = make_model()
     args = make_args(tmp_path, num_generations=4, per_device_train_batch_size=4, text_policy_coef=0.5,
                      latent_policy_parameters=latent_policy_parameters)
@@ -243,6 +286,8 @@ def test_with_the_text_term_on_the_latent_loss_moves_only_the_parameters_of_its_
     (batch["advantages"][:, None, None] * log_probs).sum().backward()  # the latent policy gradient alone
     assert model.velocity_head.linear.weight.grad.abs().sum() > 0
     shared_gradient = sum(p.grad.abs().sum().item() for p in shared if p.grad is not None)
+    if latent_policy_parameters == "denoiser_adapter":
+        assert sum(p.grad.abs().sum().item() for p in model.adapter_parameters("denoiser") if p.grad is not None) > 0
     if latent_policy_parameters == "velocity_head":
         assert shared_gradient == 0.0
     else:
@@ -553,32 +598,40 @@ def test_checkpoint_saves_and_resumes(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
-def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("launcher", ["python", "ddp", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path, launcher):
     """SIGKILL in a real subprocess while step 3 runs (checkpoint-2 written), then `resume_from_checkpoint=True` in a
     new process: the losses of steps 3-6 and the final weights equal those of an uninterrupted run, bit for bit (one
-    thread, fixed seed: the CPU computation is deterministic)."""
+    thread, fixed seed: the CPU computation is deterministic). The same with two processes (DDP, ZeRO-2), where every
+    process of the run is killed at once (its whole process group, launcher included)."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "train_ladirl_resumable.py")
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, script]
+    if launcher != "python":
+        accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+        command = [accelerate, "launch", "--num_processes", "2", "--config_file",
+                   os.path.join(CONFIGS, f"{launcher}.yaml"), script]
+    processes = 1 if launcher == "python" else 2
 
     def run(output_dir, *flags):
-        result = subprocess.run([sys.executable, script, str(output_dir), *flags], capture_output=True, text=True,
-                                env=environment, timeout=600)
+        result = subprocess.run([*command, str(output_dir), *flags], capture_output=True, text=True, env=environment,
+                                timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
     run(tmp_path / "straight")
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, script, str(killed), "--hang", "3"], env=environment,
+    process = subprocess.Popen([*command, str(killed), "--hang", "3"], env=environment, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (killed / "hanging").exists():
+        while len(list(killed.glob("hanging-*"))) < processes:
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before it reached step 3"
             time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and every worker, as an out-of-memory kill or `kill -9`
         assert process.wait(timeout=60) == -signal.SIGKILL
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
     assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"]
     run(killed, "--resume")
 
@@ -659,6 +712,9 @@ def test_resume_true_with_only_interrupted_checkpoints_says_what_to_do(tmp_path)
         (dict(max_latent_blocks=0), "max_latent_blocks must be at least 1"),
         (dict(initial_noise_scale=0.0), "initial_noise_scale must be > 0"),
         (dict(diversity_guidance_scale=-0.1), "diversity_guidance_scale must be >= 0"),
+        (dict(denoiser_lora_rank=0), "denoiser_lora_rank must be at least 1"),
+        (dict(latent_policy_parameters="denoiser_adapter", activation_checkpointing=True),
+         "denoiser_adapter.*activation checkpointing"),
     ],
 )
 def test_incompatible_config_values_fail_with_a_message(tmp_path, overrides, message):

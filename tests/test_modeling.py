@@ -727,3 +727,45 @@ def test_initial_latent_logvar_sets_the_posterior_variance_of_a_fresh_model(toke
     assert torch.allclose(logvar, torch.full_like(logvar, -4.0))
     default_logvar = build(tokenizer, randomize=False).encode(sentence_ids, sentence_mask)[1]
     assert not torch.allclose(default_logvar, torch.full_like(default_logvar, -4.0))  # None keeps torch's init
+
+
+# ------------------------------------------------------------------ the denoiser adapter
+
+
+def test_denoiser_adapter_changes_the_velocity_and_nothing_the_decoder_reads(tokenizer):
+    model = build(tokenizer, seed=30)
+    inputs = _packed_inputs(tokenizer)  # noisy copies of every block, and answers
+    with torch.no_grad():
+        before = model._packed_forward(**inputs)
+        model.add_denoiser_adapter(4)
+        added = model._packed_forward(**inputs)  # a fresh adapter (lora_B = 0) changes nothing
+        for name in before:
+            assert torch.equal(added[name], before[name]), name
+        for parameter in model.adapter_parameters("denoiser"):
+            parameter.normal_(0, 0.3)
+        after = model._packed_forward(**inputs)
+    assert torch.equal(after["answer_logits"], before["answer_logits"])
+    assert torch.equal(after["stop_logits"], before["stop_logits"])
+    assert (after["velocity"] - before["velocity"]).abs().mean() > 0.05 * before["velocity"].abs().mean()
+    assert model._active_adapter == REASONER_ADAPTER  # switched on for the forward only
+    with pytest.raises(ValueError, match="already has a denoiser adapter"):
+        model.add_denoiser_adapter(4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_denoiser_adapter_is_the_same_in_the_sampler_and_the_loss(tokenizer, cfg_scale):
+    """The cached sampler switches the adapter on for the noisy block, the packed forward for the noisy copies: the
+    recorded log-probabilities are recomputed exactly (float64), and a saved model reloads with its adapter."""
+    model = build(tokenizer, seed=31, denoiser_lora_rank=4).double()  # `build` randomises every lora_B
+    assert len(model.adapter_parameters("denoiser")) > 0
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, seed=32).trace
+    out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7, cfg_scale)
+    real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
+    torch.testing.assert_close(out["log_probs"][real], trace.step_log_probs[real], rtol=0, atol=1e-5)
+    # without the adapter's update the sampler would have drawn another trace
+    with torch.no_grad():
+        for parameter in model.adapter_parameters("denoiser"):
+            parameter.zero_()
+    assert not torch.equal(sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, seed=32).trace.step_latents,
+                           trace.step_latents)

@@ -16,7 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 
 __all__ = [
@@ -154,6 +157,8 @@ def evaluate_pass_at_k(
     batch_size: int = 8,
     show_progress: bool = True,
     answer_fn: Callable[[str], str | None] | None = None,
+    seed: int | None = None,
+    split_across_processes: bool = False,
 ) -> dict:
     """Samples `num_samples` answers per problem, scores them, and estimates pass@k.
 
@@ -169,6 +174,11 @@ def evaluate_pass_at_k(
         show_progress: Show a tqdm progress bar.
         answer_fn: Maps an answer text to what counts as "the same answer" for `distinct_answers` (e.g.
             `rewards.math.extract_final_answer`); by default the stripped text.
+        seed: When given, the random generators are seeded with `seed + b` before batch `b`, so every batch's samples
+            are the same however the batches are run (one process or several).
+        split_across_processes: Every process of a distributed run (`accelerate launch`) calls this function, samples
+            every `num_processes`-th batch, and all of them get the whole result (gathered). With a `seed` the numbers
+            are those of one process. `generate_fn` must use this process's copy of the model.
 
     Returns:
         A JSON-serialisable dict: `pass_at_k` ({k: mean over judged problems}), `num_problems`, `num_judged`,
@@ -183,10 +193,17 @@ def evaluate_pass_at_k(
         raise ValueError(f"The dataset needs a `prompt` column; it has the columns {sorted(rows[0])}.")
     answer_fn = answer_fn or str.strip
 
+    starts = list(range(0, len(rows), batch_size))
+    state = PartialState() if split_across_processes else None
+    if state is not None:  # batch b goes to process b mod P
+        starts = starts[state.process_index :: state.num_processes]
+        show_progress = show_progress and state.is_main_process
     per_problem = []
-    with tqdm(total=len(rows), desc="pass@k", disable=not show_progress) as progress:
-        for start in range(0, len(rows), batch_size):
+    with tqdm(total=sum(len(rows[s : s + batch_size]) for s in starts), desc="pass@k", disable=not show_progress) as progress:
+        for start in starts:
             batch = rows[start : start + batch_size]
+            if seed is not None:
+                set_seed(seed + start // batch_size)
             generation = generate_fn([row["prompt"] for row in batch], num_samples)
             if len(generation.texts) != len(batch) or any(len(t) != num_samples for t in generation.texts):
                 raise ValueError(
@@ -212,6 +229,8 @@ def evaluate_pass_at_k(
                     }
                 )
             progress.update(len(batch))
+    if state is not None and state.num_processes > 1:
+        per_problem = sorted(gather_object(per_problem), key=lambda problem: problem["index"])
 
     judged_problems = [p for p in per_problem if p["judged"]]
     diversities = [p["latent_diversity"] for p in per_problem if p["latent_diversity"] is not None]

@@ -48,7 +48,7 @@ from trl_ladi.default_model import base_model_hub_id
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ENCODER_ADAPTER, REASONER_ADAPTER = "encoder", "reasoner"
+ENCODER_ADAPTER, REASONER_ADAPTER, DENOISER_ADAPTER = "encoder", "reasoner", "denoiser"
 CONTINUE, ANSWER = 0, 1  # stop-head classes
 REASONER_MARKERS = {"bot": 0, "eot": 1, "soa": 2}  # rows of `marker_embeddings`
 
@@ -63,6 +63,10 @@ class LaDiRConfig(PretrainedConfig):
         max_blocks (`int`, defaults to 6): most latent blocks the reasoner writes before it must answer.
         encoder_lora_rank (`int`, defaults to 64): LoRA rank of the VAE encoder adapter.
         reasoner_lora_rank (`int`, defaults to 64): LoRA rank of the reasoner adapter.
+        denoiser_lora_rank (`int`, defaults to 0): LoRA rank of the denoiser adapter, which acts on top of the reasoner
+            adapter at the positions of blocks being denoised only (0: no such adapter). RL adds it
+            (`LaDiRLConfig.latent_policy_parameters="denoiser_adapter"`): it changes the velocity field and nothing the
+            answer decoder or the stop head reads, since a noisy block is context for no other position.
         lora_alpha_ratio (`float`, defaults to 2.0): LoRA alpha as a multiple of the rank.
         lora_target_modules (`list[str]`): linear layers of the base LM that get adapters.
         timestep_embedding_dim (`int`, defaults to 256): sinusoidal features of the diffusion time.
@@ -94,6 +98,7 @@ class LaDiRConfig(PretrainedConfig):
         max_blocks: int = 6,
         encoder_lora_rank: int = 64,
         reasoner_lora_rank: int = 64,
+        denoiser_lora_rank: int = 0,
         lora_alpha_ratio: float = 2.0,
         lora_target_modules: list[str] | None = None,
         timestep_embedding_dim: int = 256,
@@ -114,6 +119,7 @@ class LaDiRConfig(PretrainedConfig):
         self.max_blocks = max_blocks
         self.encoder_lora_rank = encoder_lora_rank
         self.reasoner_lora_rank = reasoner_lora_rank
+        self.denoiser_lora_rank = denoiser_lora_rank
         self.lora_alpha_ratio = lora_alpha_ratio
         self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGETS)
         self.timestep_embedding_dim = timestep_embedding_dim
@@ -141,6 +147,8 @@ class LaDiRConfig(PretrainedConfig):
         for name in ("latent_tokens_per_block", "latent_dim", "max_blocks", "num_denoise_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.denoiser_lora_rank < 0:
+            raise ValueError(f"`denoiser_lora_rank` must be >= 0 (0: no denoiser adapter), got {self.denoiser_lora_rank}.")
         if self.latent_dim > self.text_config.hidden_size * 4:
             raise ValueError(
                 f"latent_dim={self.latent_dim} is more than 4x the base model's hidden size "
@@ -340,13 +348,11 @@ class LaDiRModel(PreTrainedModel):
         self.stop_head = nn.Linear(hidden_size, 2)
 
         for adapter_name, rank in ((ENCODER_ADAPTER, config.encoder_lora_rank), (REASONER_ADAPTER, config.reasoner_lora_rank)):
-            lora_config = LoraConfig(
-                r=rank, lora_alpha=config.lora_alpha_ratio * rank, target_modules=config.lora_target_modules, lora_dropout=0.0
-            )
-            with warnings.catch_warnings():
-                # peft warns that a second adapter joins the first ("multiple adapters"): two adapters are the design
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
-                inject_adapter_in_model(lora_config, self.language_model, adapter_name=adapter_name)
+            self._inject_adapter(adapter_name, rank)
+        # Where the denoiser adapter acts in the current forward: a (B, S, 1) 0/1 mask, or None for every position fed.
+        self._denoiser_position_mask = None
+        if config.denoiser_lora_rank > 0:
+            self._inject_denoiser_adapter(config.denoiser_lora_rank)
         self._active_adapter = None
         self._set_adapter(REASONER_ADAPTER)
         self.post_init()
@@ -416,8 +422,67 @@ class LaDiRModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ adapters
 
-    def _set_adapter(self, adapter_name: str | None):
-        """Activate one LoRA adapter (or none: the plain base LM) without changing any ``requires_grad`` flag.
+    def _inject_adapter(self, adapter_name: str, rank: int):
+        lora_config = LoraConfig(
+            r=rank, lora_alpha=self.config.lora_alpha_ratio * rank, target_modules=self.config.lora_target_modules,
+            lora_dropout=0.0,
+        )
+        with warnings.catch_warnings():
+            # peft warns that another adapter joins the first ("multiple adapters"): several adapters are the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+            inject_adapter_in_model(lora_config, self.language_model, adapter_name=adapter_name)
+
+    def _inject_denoiser_adapter(self, rank: int):
+        self._inject_adapter(DENOISER_ADAPTER, rank)
+        # The adapter's update lora_B(lora_A(x)) is multiplied by the position mask, so at every other position it
+        # adds exactly 0: their hidden states are bit for bit those of the reasoner adapter alone.
+        for module in self.language_model.modules():
+            if isinstance(module, BaseTunerLayer) and DENOISER_ADAPTER in getattr(module, "lora_B", {}):
+                module.lora_B[DENOISER_ADAPTER].register_forward_hook(self._mask_denoiser_update)
+
+    def _mask_denoiser_update(self, module, inputs, output):
+        mask = self._denoiser_position_mask
+        return output if mask is None else output * mask.to(output.dtype)
+
+    def add_denoiser_adapter(self, rank: int = 16):
+        """Add the denoiser LoRA adapter (see `LaDiRConfig.denoiser_lora_rank`), initialised so that it changes
+        nothing yet (peft's zero ``lora_B``); recorded in the config, so a saved model reloads with it."""
+        if self.config.denoiser_lora_rank > 0:
+            raise ValueError(f"The model already has a denoiser adapter (rank {self.config.denoiser_lora_rank}).")
+        if rank < 1:
+            raise ValueError(f"The denoiser adapter's rank must be at least 1, got {rank}.")
+        active = self._active_adapter
+        self._set_adapter(None)  # switch again after the injection, so peft's flags cover the new layers
+        self._inject_denoiser_adapter(rank)
+        self.config.denoiser_lora_rank = rank
+        for parameter in self.adapter_parameters(DENOISER_ADAPTER):
+            parameter.requires_grad_(False)  # as every other parameter until training code says otherwise
+        self._set_adapter(active)
+
+    @contextlib.contextmanager
+    def _denoiser_adapter_at(self, positions: torch.Tensor | None):
+        """Run the LM with the denoiser adapter on top of the reasoner's at ``positions`` ``(B, S)`` (``None``: at every
+        position fed). Without a denoiser adapter this changes nothing.
+
+        The adapter and the mask are state of the module for the duration of the forward, so a backward pass that
+        recomputes activations later (activation checkpointing) would not see them: LaDiRLConfig refuses that
+        combination.
+        """
+        if self.config.denoiser_lora_rank == 0:
+            yield
+            return
+        previous = self._active_adapter
+        self._set_adapter((REASONER_ADAPTER, DENOISER_ADAPTER))
+        self._denoiser_position_mask = None if positions is None else positions[..., None]
+        try:
+            yield
+        finally:
+            self._denoiser_position_mask = None
+            self._set_adapter(previous)
+
+    def _set_adapter(self, adapter_name: str | tuple[str, ...] | None):
+        """Activate one LoRA adapter, a tuple of them (summed), or none (the plain base LM) without changing any
+        ``requires_grad`` flag.
 
         peft's own switch also marks the active adapter trainable; training code decides that, not a forward pass.
         """
@@ -430,7 +495,7 @@ class LaDiRModel(PreTrainedModel):
                     module.enable_adapters(False)
                 else:
                     module.enable_adapters(True)
-                    module.set_adapter(adapter_name)
+                    module.set_adapter(list(adapter_name) if isinstance(adapter_name, tuple) else adapter_name)
         for parameter, requires_grad in trainable.items():
             parameter.requires_grad_(requires_grad)
         self._active_adapter = adapter_name
@@ -466,9 +531,13 @@ class LaDiRModel(PreTrainedModel):
         """The denoiser's own output head; nothing the answer decoder reads depends on it."""
         return list(self.velocity_head.parameters())
 
+    def denoiser_parameters(self) -> list[nn.Parameter]:
+        """What belongs to the denoiser alone: the velocity head and the denoiser adapter (when the model has one)."""
+        return self.velocity_head_parameters() + self.adapter_parameters(DENOISER_ADAPTER)
+
     def reasoner_parameters(self) -> list[nn.Parameter]:
-        """What the reasoner stage trains: the shared reasoner parameters, the velocity head and the stop head."""
-        return self.shared_reasoner_parameters() + self.velocity_head_parameters() + list(self.stop_head.parameters())
+        """What the reasoner stage trains: the shared reasoner parameters, the denoiser's own and the stop head."""
+        return self.shared_reasoner_parameters() + self.denoiser_parameters() + list(self.stop_head.parameters())
 
     def train_only(self, parameters: list[nn.Parameter]):
         """Freeze everything, then unfreeze ``parameters``."""
@@ -720,7 +789,9 @@ class LaDiRModel(PreTrainedModel):
         allowed |= (q_kind == 3) & (k_kind == 3) & causal
         allowed &= is_real[:, None, :]
         allowed |= torch.eye(kind.shape[1], dtype=torch.bool, device=device)  # no empty row (padding queries)
-        hidden = self._decoder_hidden_states(inputs_embeds, self._additive_mask(allowed), position_ids)
+        # the denoiser adapter acts at the noisy copies only, which no other position reads
+        with self._denoiser_adapter_at(kind == 2) if num_noisy else contextlib.nullcontext():
+            hidden = self._decoder_hidden_states(inputs_embeds, self._additive_mask(allowed), position_ids)
 
         # --- heads
         outputs = {}
@@ -974,7 +1045,8 @@ class LaDiRModel(PreTrainedModel):
         block = torch.ones(context.rows, layout.noisy_width, dtype=torch.bool, device=keys.device)  # bidirectional
         allowed = torch.cat([keys, block], 1)[:, None, :].expand(-1, layout.noisy_width, -1)
         positions = layout.position_ids(context.prompt_lengths, context.num_blocks, layout.noisy_width)
-        hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
+        with self._denoiser_adapter_at(None):  # every position fed is the noisy block's
+            hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
         context.cache.crop(-layout.noisy_width)
         return _float32_or_wider(self.velocity_head(hidden[:, layout.latent_tokens], time_embedding))
 

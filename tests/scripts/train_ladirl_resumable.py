@@ -3,8 +3,9 @@
     python train_ladirl_resumable.py OUT              # the whole run
     python train_ladirl_resumable.py OUT --hang 3     # stops inside step 3 until killed (after checkpoint-2)
     python train_ladirl_resumable.py OUT --resume     # resume_from_checkpoint=True
+    accelerate launch --num_processes 2 --config_file ... train_ladirl_resumable.py OUT [...]   # DDP, ZeRO
 
-Writes OUT/losses.json (logged loss per step) and OUT/final (the trained model) when it finishes.
+Writes OUT/losses.json (logged loss per step) and OUT/final (the trained model) when it finishes (main process).
 """
 
 import argparse
@@ -30,7 +31,7 @@ class HangAtStep(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step:
-            with open(os.path.join(self.output_dir, "hanging"), "w") as marker:
+            with open(os.path.join(self.output_dir, f"hanging-{args.process_index}"), "w") as marker:
                 marker.write(str(os.getpid()))
             while True:
                 time.sleep(1)
@@ -48,10 +49,11 @@ def main():
     trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args, callbacks=callbacks,
                             train_dataset=Dataset.from_dict({"prompt": PROMPTS * 6}), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
-    losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
-    with open(os.path.join(options.output_dir, "losses.json"), "w") as f:
-        json.dump(losses, f)
-    model.save_pretrained(os.path.join(options.output_dir, "final"))
+    trainer.save_model(os.path.join(options.output_dir, "final"))  # whole weights, also from ZeRO (main process)
+    if trainer.is_world_process_zero():
+        losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+        with open(os.path.join(options.output_dir, "losses.json"), "w") as f:
+            json.dump(losses, f)
 
 
 if __name__ == "__main__":

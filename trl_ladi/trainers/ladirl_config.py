@@ -4,7 +4,7 @@ from trl import GRPOConfig
 
 SUPPORTED_LOSS_TYPES = ("grpo", "dapo", "bnpo", "dr_grpo", "luspo")
 LATENT_UTILITIES = ("mean", "max", "min")
-LATENT_POLICY_PARAMETERS = ("velocity_head", "reasoner")
+LATENT_POLICY_PARAMETERS = ("velocity_head", "denoiser_adapter", "reasoner")
 
 
 @dataclass
@@ -96,14 +96,23 @@ class LaDiRLConfig(GRPOConfig):
         default="velocity_head",
         metadata={"help": "What the latent loss trains. 'velocity_head': the denoiser's adaLN output head only; "
                   "nothing the answer decoder reads changes, so a latent keeps decoding to the same text. "
+                  "'denoiser_adapter': the head and a LoRA adapter of the LM that acts only at the positions of the "
+                  "block being denoised (added with rank `denoiser_lora_rank` if the model has none), so the "
+                  "denoiser's features can change while the answer decoder and stop head stay bit for bit the same. "
                   "'reasoner': also the reasoner's LoRA adapter, latent input map, time embedding and markers, which "
                   "the answer decoder shares (one LM plays both roles), so decoding drifts as the policy moves: use "
                   "a small learning rate.",
                   "choices": list(LATENT_POLICY_PARAMETERS)},
     )
+    denoiser_lora_rank: int = field(
+        default=16,
+        metadata={"help": "Rank of the denoiser adapter that `latent_policy_parameters='denoiser_adapter'` adds to a "
+                  "model without one (a model that has one keeps its own)."},
+    )
     denoiser_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the denoiser's velocity head. Defaults to `learning_rate`."},
+        metadata={"help": "Learning rate of the denoiser's own parameters: the velocity head, and the denoiser adapter "
+                  "with `latent_policy_parameters='denoiser_adapter'`. Defaults to `learning_rate`."},
     )
     text_policy_learning_rate: float | None = field(
         default=None,
@@ -160,6 +169,17 @@ class LaDiRLConfig(GRPOConfig):
         if self.latent_policy_parameters not in LATENT_POLICY_PARAMETERS:
             raise ValueError(
                 f"latent_policy_parameters must be one of {LATENT_POLICY_PARAMETERS}, got '{self.latent_policy_parameters}'."
+            )
+        if self.denoiser_lora_rank < 1:
+            raise ValueError(f"denoiser_lora_rank must be at least 1, got {self.denoiser_lora_rank}.")
+        if self.latent_policy_parameters == "denoiser_adapter" and (
+            self.activation_checkpointing or self.gradient_checkpointing
+        ):
+            raise ValueError(
+                "latent_policy_parameters='denoiser_adapter' cannot be combined with activation checkpointing: the "
+                "adapter is switched on for the noisy blocks during the forward pass only, and a backward pass that "
+                "recomputes activations would not see it. Turn activation checkpointing off, or use "
+                "latent_policy_parameters='velocity_head'."
             )
         if self.latent_utility not in LATENT_UTILITIES:
             raise ValueError(f"latent_utility must be one of {LATENT_UTILITIES}, got '{self.latent_utility}'.")

@@ -155,8 +155,10 @@ class LaDiRLTrainer(GRPOTrainer):
         if train_dataset is not None and hasattr(train_dataset, "__len__"):
             self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args, max_latent_blocks)
         use_available_cores()  # under accelerate launch on a CPU: the cores, not the one thread it sets
-        velocity_head, shared = self._trained_parameters(model, args)
-        model.train_only(velocity_head + shared)
+        if args.latent_policy_parameters == "denoiser_adapter" and model.config.denoiser_lora_rank == 0:
+            model.add_denoiser_adapter(args.denoiser_lora_rank)  # starts as a no-op: the policy is unchanged
+        denoiser, shared = self._trained_parameters(model, args)
+        model.train_only(denoiser + shared)
         # The reference denoiser is copied now: GRPOTrainer patches `model.forward` (fused LM head) with a closure
         # over this model, and a copy taken after that would run the policy's weights.
         latent_kl_beta = args.latent_kl_beta
@@ -230,28 +232,32 @@ class LaDiRLTrainer(GRPOTrainer):
 
     @staticmethod
     def _trained_parameters(model: LaDiRModel, args: LaDiRLConfig) -> tuple[list, list]:
-        """The two parameter groups RL trains: the velocity head (the denoiser's own), and the parameters it shares
-        with the answer decoder when ``latent_policy_parameters="reasoner"`` or ``text_policy_coef > 0``.
+        """The two parameter groups RL trains: the denoiser's own (the velocity head, plus the denoiser adapter with
+        ``latent_policy_parameters="denoiser_adapter"``), and the parameters it shares with the answer decoder when
+        ``latent_policy_parameters="reasoner"`` or ``text_policy_coef > 0``.
 
         The stop head is never trained here: stopping is not part of the policy gradient (and an unused trainable
         parameter breaks DDP).
         """
+        denoiser = model.velocity_head_parameters()
+        if args.latent_policy_parameters == "denoiser_adapter":
+            denoiser = model.denoiser_parameters()
         trains_shared = args.latent_policy_parameters == "reasoner" or args.text_policy_coef > 0
-        return model.velocity_head_parameters(), model.shared_reasoner_parameters() if trains_shared else []
+        return denoiser, model.shared_reasoner_parameters() if trains_shared else []
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer with two learning rates: the velocity head, and the shared parameters."""
+        """The Trainer's optimizer with two learning rates: the denoiser's own parameters, and the shared ones."""
         if self.optimizer is not None:
             return self.optimizer
         ladir = self.accelerator.unwrap_model(self.model)
-        velocity_head, shared = self._trained_parameters(ladir, self.args)
+        denoiser, shared = self._trained_parameters(ladir, self.args)
         optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, ladir)
         optimizer_kwargs.pop("lr", None)
         # the Trainer passes weight_decay through its parameter groups, not these kwargs: without it here the
         # optimizer's own default (AdamW: 0.01) would replace the config's
         optimizer_kwargs["weight_decay"] = self.args.weight_decay
         groups = [
-            {"params": velocity_head, "lr": self.args.denoiser_learning_rate or self.args.learning_rate},
+            {"params": denoiser, "lr": self.args.denoiser_learning_rate or self.args.learning_rate},
             {"params": shared, "lr": self.args.text_policy_learning_rate or self.args.learning_rate},
         ]
         self.optimizer = optimizer_class([group for group in groups if group["params"]], **optimizer_kwargs)
@@ -461,7 +467,9 @@ class LaDiRLTrainer(GRPOTrainer):
             "sde_noise_level": self.args.sde_noise_level,
             "cfg_scale": self.args.cfg_scale,
             # velocity-head policy: the latent loss moves the head only, even when the text term trains the shared
-            # parameters (they are trainable then, and the velocity is computed from them)
+            # parameters (they are trainable then, and the velocity is computed from them). The denoiser adapter
+            # learns through the LM's features, so they are not detached: with the text term on, the latent loss
+            # then also reaches the shared parameters the noisy blocks read (their inputs and clean context).
             "detach_velocity_features": self.args.latent_policy_parameters == "velocity_head",
         }
 

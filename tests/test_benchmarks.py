@@ -1,0 +1,79 @@
+"""benchmarks/reproduce.py end to end on a tiny model (seconds), and its presets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+MODELS = ["base", "text SFT", "GRPO", "LaDiR", "LaDi-RL (velocity_head)", "LaDi-RL (denoiser_adapter)"]
+
+
+def run_reproduce(*argv, cwd):
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, str(BENCHMARKS / "reproduce.py"), *argv], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reproduce_output(tmp_path_factory):
+    """One tiny run of benchmarks/reproduce.py (about 20 s), shared by the tests below."""
+    folder = tmp_path_factory.mktemp("reproduce")
+    result = run_reproduce("--preset", "tiny", "--output_dir", str(folder / "out"), cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "out"
+
+
+def test_reproduce_writes_every_model_and_k(reproduce_output):
+    report = json.loads((reproduce_output / "reproduce.json").read_text())
+    assert list(report["models"]) == MODELS
+    for name, model in report["models"].items():
+        assert sorted(int(k) for k in model["pass_at_k"]) == [1, 2, 3, 4], name
+        assert all(0.0 <= value <= 1.0 for value in model["pass_at_k"].values()), name
+        assert model["num_problems"] == 4 and model["num_samples"] == 4
+    # the matched rollout budget: 1 step x 2 prompts x (2 latents x 2 decodes, or 4 completions)
+    assert report["rl_budget"] == {"prompts_per_step": 2, "steps": 1, "answers_per_prompt": 4, "scored_answers": 8}
+    assert set(report["training"]["GRPO"]) >= {"reward", "entropy"}
+    assert set(report["training"]["LaDi-RL (denoiser_adapter)"]) >= {"reward", "latent_diversity",
+                                                                    "distinct_answers_per_prompt"}
+    assert all(len(curve) == 1 for curve in report["training"]["GRPO"].values())  # one value per RL step
+    assert report["models"]["LaDiR"]["latent_diversity_mean"] > 0
+    png = (reproduce_output / "reproduce.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
+    result = run_reproduce("--preset", "gpu", "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct" and config["num_test_examples"] >= 256
+    assert config["num_samples"] == 16
+    result = run_reproduce("--preset", "cpu", "--rl_steps", "3", "--print_config", cwd=tmp_path)
+    assert json.loads(result.stdout)["rl_steps"] == 3  # a flag overrides its preset
+    result = run_reproduce("--preset", "tiny", "--num_samples", "3", cwd=tmp_path)
+    assert result.returncode != 0 and "must be a multiple of --num_decodes_per_latent" in result.stderr
+    assert not (tmp_path / "outputs").exists()  # refused before anything was written
+
+
+def test_bench_vs_grpo_natural_mode_runs_on_reproduce_outputs(reproduce_output, tmp_path):
+    """The natural-length comparison: GRPO from reproduce.py's text-SFT model, LaDi-RL from its LaDiR model."""
+    output = tmp_path / "natural.json"
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_vs_grpo.py"), "--tiny", "--natural", str(reproduce_output / "text-sft"),
+         str(reproduce_output / "ladir"), "--num_generations", "4", "--num_latents", "2", "--num_decodes_per_latent",
+         "2", "--grpo_max_completion_length", "8", "--max_completion_length", "4", "--warmup", "0", "--steps", "1",
+         "--latent_policy_parameters", "denoiser_adapter", "--output", str(output)],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert record["settings"]["max_completion_length"] == 4 and record["settings"]["grpo_max_completion_length"] == 8
+    assert record["settings"]["ladirl"]["weights"].startswith("trained LaDiR model")
+    assert record["settings"]["trainable_parameters"]["ladirl"] > 0
+    for side in ("grpo", "ladirl"):
+        assert record["summary"][side]["wall_seconds"]["mean"] > 0
+    assert record["ratio_ladirl_over_grpo"]["answers_per_second"] > 0
