@@ -344,9 +344,10 @@ def main():
         "benchmark": "bench_vs_grpo",
         "date": started.isoformat(timespec="seconds"),
         "model": model_name,
-        "model_dir": model_dir,
+        "model_dir": Path(model_dir).name,  # a folder name: a path of this machine means nothing elsewhere
         "settings": {
-            **{key: value for key, value in vars(args).items() if key != "output"},
+            **{key: value for key, value in vars(args).items() if key not in ("output", "natural")},
+            "natural": [Path(folder).name for folder in args.natural] if args.natural else None,
             "answers_per_prompt": args.num_generations,
             "prompts_per_step": 1,
             "dataset": "chain_sum (trl_ladi.data.load_math_dataset), "
