@@ -598,12 +598,15 @@ def test_checkpoint_saves_and_resumes(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("launcher", ["python", "ddp", pytest.param("zero2", marks=pytest.mark.slow)])
-def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path, launcher):
+@pytest.mark.parametrize("launcher, moment", [("python", "step 3"), ("python", "saving checkpoint-4"),
+                                              ("ddp", "step 3"), pytest.param("zero2", "step 3", marks=pytest.mark.slow)])
+def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path, launcher, moment):
     """SIGKILL in a real subprocess while step 3 runs (checkpoint-2 written), then `resume_from_checkpoint=True` in a
     new process: the losses of steps 3-6 and the final weights equal those of an uninterrupted run, bit for bit (one
     thread, fixed seed: the CPU computation is deterministic). The same with two processes (DDP, ZeRO-2), where every
-    process of the run is killed at once (its whole process group, launcher included)."""
+    process of the run is killed at once (its whole process group, launcher included), and with the kill landing
+    while checkpoint-4 is being written (its weights and optimizer on disk, its trainer state not): the resume must
+    take checkpoint-2, not the half-written one."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "train_ladirl_resumable.py")
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
     command = [sys.executable, script]
@@ -620,19 +623,25 @@ def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path, l
 
     run(tmp_path / "straight")
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*command, str(killed), "--hang", "3"], env=environment, start_new_session=True,
+    hang = ["--hang", "3"] if moment == "step 3" else ["--hang_in_save", "4"]
+    process = subprocess.Popen([*command, str(killed), *hang], env=environment, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while len(list(killed.glob("hanging-*"))) < processes:
-            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it reached step 3"
+            assert process.poll() is None and time.monotonic() < deadline, f"the run ended before it reached {moment}"
             time.sleep(0.2)
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and every worker, as an out-of-memory kill or `kill -9`
         assert process.wait(timeout=60) == -signal.SIGKILL
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"]
+    if moment == "step 3":
+        assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"]
+    else:
+        assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+        assert (killed / "checkpoint-4" / "model.safetensors").exists()  # half-written: weights, no trainer state
+        assert not (killed / "checkpoint-4" / "trainer_state.json").exists()
     run(killed, "--resume")
 
     straight_losses = json.loads((tmp_path / "straight" / "losses.json").read_text())

@@ -2,6 +2,8 @@
 
     python train_ladirl_resumable.py OUT              # the whole run
     python train_ladirl_resumable.py OUT --hang 3     # stops inside step 3 until killed (after checkpoint-2)
+    python train_ladirl_resumable.py OUT --hang_in_save 4   # stops inside the save of checkpoint-4 (weights and
+                                                             # optimizer written, trainer state not yet)
     python train_ladirl_resumable.py OUT --resume     # resume_from_checkpoint=True
     accelerate launch --num_processes 2 --config_file ... train_ladirl_resumable.py OUT [...]   # DDP, ZeRO
 
@@ -37,10 +39,27 @@ class HangAtStep(TrainerCallback):
                 time.sleep(1)
 
 
+def hang_inside_save(trainer, step: int, output_dir: str):
+    """Stops inside `Trainer._save_checkpoint` at `step`, after the weights and optimizer of checkpoint-`step` are on
+    disk and before its RNG and trainer state are, so the run can be killed in the middle of writing a checkpoint."""
+    save_rng_state = trainer._save_rng_state
+
+    def save_or_hang(checkpoint_dir):
+        if trainer.state.global_step == step:
+            with open(os.path.join(output_dir, f"hanging-{trainer.args.process_index}"), "w") as marker:
+                marker.write(str(os.getpid()))
+            while True:
+                time.sleep(1)
+        return save_rng_state(checkpoint_dir)
+
+    trainer._save_rng_state = save_or_hang
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--hang", type=int, default=None)
+    parser.add_argument("--hang_in_save", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     options = parser.parse_args()
     model, tokenizer = make_model()
@@ -48,6 +67,8 @@ def main():
     callbacks = [HangAtStep(options.hang, options.output_dir)] if options.hang else None
     trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args, callbacks=callbacks,
                             train_dataset=Dataset.from_dict({"prompt": PROMPTS * 6}), processing_class=tokenizer)
+    if options.hang_in_save:
+        hang_inside_save(trainer, options.hang_in_save, options.output_dir)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     trainer.save_model(os.path.join(options.output_dir, "final"))  # whole weights, also from ZeRO (main process)
     if trainer.is_world_process_zero():
