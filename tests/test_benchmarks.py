@@ -12,10 +12,14 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 MODELS = ["base", "text SFT", "GRPO", "LaDiR", "LaDi-RL (velocity_head)", "LaDi-RL (denoiser_adapter)"]
 
 
-def run_reproduce(*argv, cwd):
+def run_benchmark(script, *argv, cwd):
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    return subprocess.run([sys.executable, str(BENCHMARKS / "reproduce.py"), *argv], cwd=cwd, env=environment,
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *argv], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=600)
+
+
+def run_reproduce(*argv, cwd):
+    return run_benchmark("reproduce.py", *argv, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +65,11 @@ def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
 def test_bench_vs_grpo_natural_mode_runs_on_reproduce_outputs(reproduce_output, tmp_path):
     """The natural-length comparison: GRPO from reproduce.py's text-SFT model, LaDi-RL from its LaDiR model."""
     output = tmp_path / "natural.json"
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_vs_grpo.py"), "--tiny", "--natural", str(reproduce_output / "text-sft"),
-         str(reproduce_output / "ladir"), "--num_generations", "4", "--num_latents", "2", "--num_decodes_per_latent",
-         "2", "--grpo_max_completion_length", "8", "--max_completion_length", "4", "--warmup", "0", "--steps", "1",
-         "--latent_policy_parameters", "denoiser_adapter", "--output", str(output)],
-        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
+    result = run_benchmark(
+        "bench_vs_grpo.py", "--tiny", "--natural", str(reproduce_output / "text-sft"), str(reproduce_output / "ladir"),
+        "--num_generations", "4", "--num_latents", "2", "--num_decodes_per_latent", "2",
+        "--grpo_max_completion_length", "8", "--max_completion_length", "4", "--warmup", "0", "--steps", "1",
+        "--latent_policy_parameters", "denoiser_adapter", "--output", str(output), cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(output.read_text())

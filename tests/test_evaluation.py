@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -19,6 +18,8 @@ from trl_ladi.evaluation import (
 )
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
+
+from accelerate_launch import accelerate_launch_command  # tests/accelerate_launch.py
 
 
 @pytest.mark.parametrize(
@@ -237,13 +238,11 @@ def test_evaluation_split_across_two_processes_gives_the_numbers_of_one(tmp_path
     """16 problems in 6 batches of 3 (the last one short): two CPU processes take alternate batches, gather, and
     every sampled answer and pass@k equals the one-process run's."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "evaluate_tiny.py")
-    config = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_configs", "ddp.yaml")
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
     runs = {}
     for name, command in (
         ("one", [sys.executable, script, str(tmp_path / "one")]),
-        ("two", [accelerate, "launch", "--num_processes", "2", "--config_file", config, script, str(tmp_path / "two")]),
+        ("two", [*accelerate_launch_command("ddp"), script, str(tmp_path / "two")]),
     ):
         result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from trl import GRPOConfig, GRPOTrainer
 from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel, LaDiRPipeline
 from trl_ladi.modeling import tokenize_prompts
 from trl_ladi.testing import make_tokenizer, tiny_causal_lm, tiny_ladir_model
+
+from accelerate_launch import accelerate_launch_command  # tests/accelerate_launch.py
 
 PROMPTS = ["what is 3 plus 4 ?", "2 + 2 =", "the cat sat on", "a b c"]
 
@@ -609,11 +610,7 @@ def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path, l
     take checkpoint-2, not the half-written one."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "train_ladirl_resumable.py")
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, script]
-    if launcher != "python":
-        accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-        command = [accelerate, "launch", "--num_processes", "2", "--config_file",
-                   os.path.join(CONFIGS, f"{launcher}.yaml"), script]
+    command = [sys.executable, script] if launcher == "python" else [*accelerate_launch_command(launcher), script]
     processes = 1 if launcher == "python" else 2
 
     def run(output_dir, *flags):
@@ -891,15 +888,12 @@ def test_a_failing_reward_function_is_named_with_what_it_did(tmp_path, reward_fu
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_ladirl_tiny.py")
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_configs")
 
 
 def launch(config, output_dir):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [accelerate, "launch", "--num_processes", "2", "--config_file", os.path.join(CONFIGS, f"{config}.yaml"),
-         SCRIPT, str(output_dir)],
+        [*accelerate_launch_command(config), SCRIPT, str(output_dir)],
         capture_output=True, text=True, env=environment, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
