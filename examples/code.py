@@ -27,6 +27,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import ast
 import importlib.util
 
+from accelerate import PartialState
+
 from trl_ladi.data import load_humaneval_dataset, load_user_dataset, split_reasoning_into_sentences
 from trl_ladi.rewards import code_execution_reward
 
@@ -101,3 +103,6 @@ def make_parser(**defaults):
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
+    # tear the process group down before the interpreter exits: left to interpreter shutdown, a communication thread
+    # can still be running and abort the process (seen once under ZeRO-3: 'terminate called without an active exception')
+    PartialState().destroy_process_group()

@@ -341,3 +341,6 @@ def main(script_args: ScriptArguments, training_args: LaDiRLConfig):
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
+    # tear the process group down before the interpreter exits: left to interpreter shutdown, a communication thread
+    # can still be running and abort the process (seen once under ZeRO-3: 'terminate called without an active exception')
+    PartialState().destroy_process_group()

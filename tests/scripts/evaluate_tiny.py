@@ -41,3 +41,6 @@ def main(output_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # tear the process group down before the interpreter exits: left to interpreter shutdown, a communication thread
+    # can still be running and abort the process (seen once under ZeRO-3: 'terminate called without an active exception')
+    PartialState().destroy_process_group()

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -79,3 +80,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # tear the process group down before the interpreter exits: left to interpreter shutdown, a communication thread
+    # can still be running and abort the process (seen once under ZeRO-3: 'terminate called without an active exception')
+    PartialState().destroy_process_group()

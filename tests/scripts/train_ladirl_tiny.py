@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from accelerate import PartialState
 from datasets import Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -44,3 +45,6 @@ def main(output_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # tear the process group down before the interpreter exits: left to interpreter shutdown, a communication thread
+    # can still be running and abort the process (seen once under ZeRO-3: 'terminate called without an active exception')
+    PartialState().destroy_process_group()
