@@ -59,6 +59,8 @@ def parse_args():
     parser.add_argument("--latent_tokens_per_block", type=int, default=4)
     parser.add_argument("--latent_dim", type=int, default=128)
     parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--vae_decoder_lora_rank", type=int, default=0, help="0: the frozen base LM decodes latents.")
+    parser.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
     parser.add_argument("--max_blocks", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--vae_learning_rate", type=float, default=5e-4)
@@ -84,6 +86,8 @@ def train_ladir(args, base, tokenizer, train):
         max_blocks=args.max_blocks,
         encoder_lora_rank=args.lora_rank,
         reasoner_lora_rank=args.lora_rank,
+        vae_decoder_lora_rank=args.vae_decoder_lora_rank,
+        token_aligned_latents=args.token_aligned_latents,
         num_denoise_steps=args.num_denoise_steps,
         initial_latent_logvar=args.initial_latent_logvar,
     )
@@ -95,6 +99,7 @@ def train_ladir(args, base, tokenizer, train):
             stage=stage,
             max_steps=1_000_000,  # the wall-clock budget stops it
             per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=64,  # the reasoner stage encodes every training sentence before it starts
             learning_rate=learning_rate,
             lr_scheduler_type="constant_with_warmup",
             warmup_steps=10,

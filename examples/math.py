@@ -91,6 +91,20 @@ class ScriptArguments:
         metadata={"help": "The VAE posterior's log-variance at the start (LaDiRConfig.initial_latent_logvar): -4 makes "
                   "the latents informative from the first step (docs/sft.md measures it); None keeps torch's init."},
     )
+    token_aligned_latents: bool = field(
+        default=False,
+        metadata={"help": "One latent token per sentence token (LaDiRConfig.token_aligned_latents); set "
+                  "--latent_tokens_per_block to the longest sentence's token count (16 for chain_sum)."},
+    )
+    vae_decoder_lora_rank: int = field(
+        default=0,
+        metadata={"help": "Rank of the VAE decoder's own LoRA adapter, trained in the VAE stage (0: frozen decoder)."},
+    )
+    token_substitution_prob: float = field(
+        default=0.3,
+        metadata={"help": "VAE-stage share of encoder tokens replaced by random ones (LaDiR: 0.3; 0 with "
+                  "token-aligned latents, whose decoder cannot know the replaced token)."},
+    )
     vae_steps: int = field(default=80, metadata={"help": "Optimizer steps of the LaDiR VAE stage."})
     reasoner_steps: int = field(default=50, metadata={"help": "Optimizer steps of the LaDiR reasoner stage."})
     sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of the two LaDiR stages."})
@@ -173,6 +187,8 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         encoder_lora_rank=script_args.lora_rank,
         reasoner_lora_rank=script_args.lora_rank,
         initial_latent_logvar=script_args.initial_latent_logvar,
+        token_aligned_latents=script_args.token_aligned_latents,
+        vae_decoder_lora_rank=script_args.vae_decoder_lora_rank,
         **({"num_denoise_steps": training_args.num_denoise_steps} if training_args.num_denoise_steps else {}),
     )
     ladir_dir = os.path.join(training_args.output_dir, "ladir")
@@ -187,6 +203,7 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
             warmup_steps=min(10, steps // 5),
             answer_template=script_args.answer_template,
             max_answer_length=training_args.max_completion_length,
+            token_substitution_prob=script_args.token_substitution_prob,
             scaling_num_sentences=256,
             logging_steps=10,
             save_strategy="no",

@@ -127,3 +127,15 @@ def test_math_example_default_model_small_sizes(tmp_path):
     ]
     run_example("math", ["--output_dir", str(tmp_path), *sizes])
     check_pass_at_k_file(tmp_path, ["LaDiR (before RL)", "LaDi-RL (after RL)"], ks=(1, 4))
+
+
+def test_math_example_trains_token_aligned_latents_with_a_decoder_adapter(tiny_base, tmp_path, capsys):
+    run_example("math", [
+        "--model_name_or_path", tiny_base, "--output_dir", str(tmp_path), *TINY_SIZES, "--latent_tokens_per_block", "8",
+        "--token_aligned_latents", "True", "--vae_decoder_lora_rank", "4", "--token_substitution_prob", "0",
+    ])
+
+    config = json.loads((tmp_path / "ladir" / "config.json").read_text())
+    assert config["token_aligned_latents"] is True and config["vae_decoder_lora_rank"] == 4
+    assert config["latent_tokens_per_block"] == 8 and config["latent_scaling_factor"] != 1.0
+    check_pass_at_k_file(tmp_path, ["LaDiR (before RL)", "LaDi-RL (after RL)"])

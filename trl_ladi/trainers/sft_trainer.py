@@ -162,6 +162,10 @@ class LaDiRSFTTrainer(Trainer):
             return self._prepare_dataset(dataset, model, processing_class, args)
 
         train_dataset = prepare(train_dataset)
+        if args.stage == "vae" and model.config.token_aligned_latents and model.config.latent_scaling_factor == 1.0:
+            # no VAE stage has trained this model yet: start its latent maps from the tokens its sentences use
+            used = {token for ids in train_dataset["sentence_ids"] for token in ids} | {processing_class.eos_token_id}
+            model.init_token_aligned_maps(sorted(used))
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: prepare(dataset) for name, dataset in eval_dataset.items()}
         elif eval_dataset is not None:
@@ -191,7 +195,19 @@ class LaDiRSFTTrainer(Trainer):
             for reasoning in dataset["reasoning"]
         ]
         flat_sentences = [sentence for row in sentences for sentence in row]
-        flat_ids = [ids[: args.max_sentence_length] for ids in tokenizer(flat_sentences, add_special_tokens=False)["input_ids"]]
+        max_length = args.max_sentence_length
+        if model.config.token_aligned_latents:  # one slot per token: a longer sentence cannot be encoded whole
+            max_length = min(max_length, model.config.latent_tokens_per_block)
+        all_ids = tokenizer(flat_sentences, add_special_tokens=False)["input_ids"]
+        num_cut = sum(len(ids) > max_length for ids in all_ids)
+        if num_cut and model.config.token_aligned_latents:
+            warnings.warn(
+                f"{num_cut} of {len(all_ids)} reasoning sentences are longer than latent_tokens_per_block="
+                f"{model.config.latent_tokens_per_block} tokens and were cut to it (token-aligned latents hold one "
+                "token per slot). Build the model with more latent tokens per block to keep them whole.",
+                stacklevel=3,
+            )
+        flat_ids = [ids[:max_length] for ids in all_ids]
         if args.stage == "vae":
             return datasets.Dataset.from_dict({"sentence_ids": flat_ids})
 
@@ -274,11 +290,23 @@ class LaDiRSFTTrainer(Trainer):
             if self.args.stage == "vae":
                 self.model.config.latent_scaling_factor = self._measure_latent_scaling_factor(model)
             summary = self._stage_summary(model, time.time() - start)
+        if self.args.stage == "vae" and self.model.config.token_aligned_latents:
+            self._warm_start_reasoner_input()
         if self.args.stage == "vae":
             self.log({"latent_scaling_factor": self.model.config.latent_scaling_factor})
         if self.is_world_process_zero():
             print(summary)
         return output
+
+    @torch.no_grad()
+    def _warm_start_reasoner_input(self):
+        """Token-aligned latents: ``reasoner_latent_in(s * mu) = vae_latent_in(mu)``, so the reasoner starts reading a
+        (scaled) latent block as the VAE decoder reads it: as the embeddings of the sentence's tokens."""
+        model, scale = self.model, self.model.config.latent_scaling_factor
+        layers = (model.vae_latent_in, model.reasoner_latent_in)
+        with full_parameters(model, modified_on_rank=0, parameters=[p for layer in layers for p in layer.parameters()]):
+            model.reasoner_latent_in.weight.copy_(model.vae_latent_in.weight / scale)
+            model.reasoner_latent_in.bias.copy_(model.vae_latent_in.bias)
 
     def _measure_latent_scaling_factor(self, model: LaDiRModel) -> float:
         """`1 / std(mu)` over a seeded sample of the training sentences (the same sample on every process)."""
@@ -320,15 +348,16 @@ class LaDiRSFTTrainer(Trainer):
         return "\n".join(lines)
 
 
-def full_parameters(model: torch.nn.Module):
+def full_parameters(model: torch.nn.Module, modified_on_rank: int | None = None, parameters=None):
     """A context in which a model that an earlier DeepSpeed ZeRO-3 run partitioned has its full parameters again
-    (e.g. the VAE stage's model handed to the reasoner stage); a no-op for an ordinary model."""
-    parameters = list(model.parameters())
+    (e.g. the VAE stage's model handed to the reasoner stage); a no-op for an ordinary model. With
+    `modified_on_rank`, what that process writes into `parameters` (default: all) is kept and shared on exit."""
+    parameters = list(model.parameters()) if parameters is None else parameters
     if not any(hasattr(parameter, "ds_id") for parameter in parameters):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modified_on_rank)
 
 
 @torch.no_grad()
