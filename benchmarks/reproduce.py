@@ -98,6 +98,8 @@ def parse_args(argv=None):
     parser.add_argument("--latent_tokens_per_block", type=int, default=4)
     parser.add_argument("--latent_dim", type=int, default=128)
     parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--vae_decoder_lora_rank", type=int, default=0, help="0: the frozen base LM decodes latents.")
+    parser.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
     parser.add_argument("--max_blocks", type=int, default=4)
     parser.add_argument("--vae_learning_rate", type=float, default=1e-3)
     parser.add_argument("--reasoner_learning_rate", type=float, default=5e-4)
