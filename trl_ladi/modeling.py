@@ -80,9 +80,9 @@ class LaDiRConfig(PretrainedConfig):
             ``j``-th token (see the module docstring); sentences are cut to ``latent_tokens_per_block`` tokens, so
             make that the longest sentence's length. The first VAE stage starts ``token_projection`` and
             ``vae_latent_in`` as the top principal components of its sentences' token embeddings and their transpose
-            (`init_token_aligned_maps`), so the latents carry each token from the first step; at its end it copies the trained ``vae_latent_in`` (rescaled by
-            ``latent_scaling_factor``) into ``reasoner_latent_in``, so the reasoner starts by reading its latents as
-            the decoder does.
+            (`init_token_aligned_maps`), so the latents carry each token from the first step; at its end it copies
+            the trained ``vae_latent_in`` (rescaled by ``latent_scaling_factor``) into ``reasoner_latent_in``, so the
+            reasoner starts by reading its latents as the decoder does.
         lora_alpha_ratio (`float`, defaults to 2.0): LoRA alpha as a multiple of the rank.
         lora_target_modules (`list[str]`): linear layers of the base LM that get adapters.
         timestep_embedding_dim (`int`, defaults to 256): sinusoidal features of the diffusion time.
@@ -355,10 +355,11 @@ class LaDiRModel(PreTrainedModel):
         )
         embedding_std = getattr(config.text_config, "initializer_range", 0.02)
 
-        # Learned input vectors: the VAE encoder's query tokens, the decoder's <ae> marker, and the reasoner's
-        # <bot>, <eot>, <soa> markers. They are parameters of this module itself (not of a container module) so
-        # that DeepSpeed ZeRO-3 gathers them with this module's forward.
-        self.query_embeddings = nn.Parameter(torch.randn(num_latent_tokens, hidden_size) * embedding_std)
+        # Learned input vectors: the VAE encoder's query tokens (token-aligned latents have none), the decoder's <ae>
+        # marker, and the reasoner's <bot>, <eot>, <soa> markers. They are parameters of this module itself (not of a
+        # container module) so that DeepSpeed ZeRO-3 gathers them with this module's forward.
+        if not config.token_aligned_latents:
+            self.query_embeddings = nn.Parameter(torch.randn(num_latent_tokens, hidden_size) * embedding_std)
         self.vae_marker_embedding = nn.Parameter(torch.randn(hidden_size) * embedding_std)
         self.marker_embeddings = nn.Parameter(torch.randn(len(REASONER_MARKERS), hidden_size) * embedding_std)
         # VAE heads (encoder side) and the decoder's input projection.
@@ -699,13 +700,12 @@ class LaDiRModel(PreTrainedModel):
         """Slot ``j`` holds the sentence's ``j``-th token (its first ``L`` tokens); the slots after it hold the empty
         slot vector. ``mu_j = token_projection(e_j) + mean_head(h_j)``, ``h`` the encoder's hidden states over the
         ``L`` slots (causal, every slot real)."""
-        batch, num_slots = sentence_ids.shape[0], self.config.latent_tokens_per_block
-        lengths = sentence_mask.sum(-1).clamp(max=num_slots)
+        num_slots = self.config.latent_tokens_per_block
+        lengths = sentence_mask.sum(-1)
         # left-padded -> the first L real tokens from slot 0: real token k of row b sits at column (S - len_b) + k
-        first_real = sentence_ids.shape[1] - sentence_mask.sum(-1)
         slots = torch.arange(num_slots, device=sentence_ids.device)
-        columns = (first_real[:, None] + slots).clamp(max=sentence_ids.shape[1] - 1)
-        filled = slots < lengths[:, None]  # (B, L)
+        columns = (sentence_ids.shape[1] - lengths[:, None] + slots).clamp(max=sentence_ids.shape[1] - 1)
+        filled = slots < lengths[:, None]  # (B, L); a sentence longer than L fills every slot
         token_embeddings = self._token_embeddings(sentence_ids.gather(1, columns))
         empty = self.empty_slot_embedding.to(token_embeddings.dtype).expand_as(token_embeddings)
         inputs_embeds = torch.where(filled[..., None], token_embeddings, empty)
@@ -715,7 +715,7 @@ class LaDiRModel(PreTrainedModel):
         return mu.float(), self.latent_logvar_head(hidden).float().clamp(-30, 20)
 
     def _vae_decoder_inputs(self, latents: torch.Tensor) -> torch.Tensor:
-        """``vae_latent_in(z), <ae>``: the prefix the frozen LM reconstructs a sentence from."""
+        """``vae_latent_in(z), <ae>``: the prefix the VAE decoder reconstructs a sentence from."""
         return torch.cat([self.vae_latent_in(latents.to(self.dtype)), self._marker("ae", latents.shape[0], 1)], dim=1)
 
     def vae_loss(
