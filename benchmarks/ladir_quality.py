@@ -11,6 +11,7 @@ stage). Then, on `--num_test_examples` held-out problems:
 (a) VAE: greedy reconstruction of the held-out reasoning sentences from their latent means (exact match, and the share
     of target tokens the greedy decode gets right at their position);
 (b) oracle latents: answer accuracy (greedy) when the reasoner reads the encoder's latents of the true reasoning;
+    with token-aligned latents also the denoiser's one-step reading of each true block from noise level t;
 (c) the LaDiR model with latents it samples itself (SDE, as the RL rollouts sample): pass@1..k;
 (d) the text-SFT model: pass@1..k with the same number of samples per problem.
 
@@ -37,9 +38,32 @@ from trl_ladi.evaluation import causal_lm_generate_fn, evaluate_pass_at_k, ladir
 from trl_ladi.modeling import tokenize_prompts
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
-from trl_ladi.trainers.sft_trainer import encode_sentences
+from trl_ladi.trainers.sft_trainer import DataCollatorForLatentReasoner, encode_sentences
 
 ANSWER_TEMPLATE = "#### {answer}"
+
+
+def add_ladir_recipe_arguments(parser):
+    """The flags `train_ladir` reads (besides budget_seconds, batch_size, seed, output_dir); reproduce.py shares them."""
+    group = parser.add_argument_group("LaDiR recipe")
+    group.add_argument("--vae_fraction", type=float, default=0.5, help="Share of the LaDiR budget for the VAE.")
+    group.add_argument("--latent_tokens_per_block", type=int, default=4)
+    group.add_argument("--latent_dim", type=int, default=128)
+    group.add_argument("--lora_rank", type=int, default=16)
+    group.add_argument("--vae_decoder_lora_rank", type=int, default=0, help="0: the frozen base LM decodes latents.")
+    group.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
+    group.add_argument("--velocity_parameterization", choices=["direct", "token_readout"], default="direct",
+                       help="'token_readout' (with --token_aligned_latents): the LM's token head predicts each slot.")
+    group.add_argument("--max_blocks", type=int, default=4)
+    group.add_argument("--vae_learning_rate", type=float, default=5e-4)
+    group.add_argument("--reasoner_learning_rate", type=float, default=5e-4)
+    group.add_argument("--initial_latent_logvar", type=float, default=None)
+    group.add_argument("--latent_noise_std", type=float, default=0.3)
+    group.add_argument("--token_substitution_prob", type=float, default=0.3)
+    group.add_argument("--num_denoise_steps", type=int, default=6, help="Denoising steps per block when sampling.")
+    group.add_argument("--timestep_shift", type=float, default=1.0, help="Shift of the sampler's schedule (diffusers).")
+    group.add_argument("--flow_timestep_shift", type=float, default=1.0, help="Shift of the reasoner's training times.")
+    group.add_argument("--initial_noise_scale", type=float, default=2.0, help="Std of the noise a block starts from.")
 
 
 def parse_args():
@@ -54,24 +78,11 @@ def parse_args():
     # text SFT (the reference): full fine-tuning, as in research/task-difficulty.md
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
     parser.add_argument("--text_sft_results", default=None, help="A previous report's JSON: reuse its text-SFT part.")
-    # LaDiR recipe
-    parser.add_argument("--vae_fraction", type=float, default=0.5, help="Share of the LaDiR budget for the VAE.")
-    parser.add_argument("--latent_tokens_per_block", type=int, default=4)
-    parser.add_argument("--latent_dim", type=int, default=128)
-    parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--vae_decoder_lora_rank", type=int, default=0, help="0: the frozen base LM decodes latents.")
-    parser.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
-    parser.add_argument("--max_blocks", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--vae_learning_rate", type=float, default=5e-4)
-    parser.add_argument("--reasoner_learning_rate", type=float, default=5e-4)
-    parser.add_argument("--initial_latent_logvar", type=float, default=None)
-    parser.add_argument("--latent_noise_std", type=float, default=0.3)
-    parser.add_argument("--token_substitution_prob", type=float, default=0.3)
+    add_ladir_recipe_arguments(parser)
     # sampling, as the main job's rollouts
     parser.add_argument("--num_samples", type=int, default=8, help="Answers per problem for pass@k.")
     parser.add_argument("--num_decodes_per_latent", type=int, default=2)
-    parser.add_argument("--num_denoise_steps", type=int, default=6)
     parser.add_argument("--sde_noise_level", type=float, default=0.7)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Of the text-SFT model's worked solutions.")
@@ -88,7 +99,10 @@ def train_ladir(args, base, tokenizer, train):
         reasoner_lora_rank=args.lora_rank,
         vae_decoder_lora_rank=args.vae_decoder_lora_rank,
         token_aligned_latents=args.token_aligned_latents,
+        velocity_parameterization=args.velocity_parameterization,
         num_denoise_steps=args.num_denoise_steps,
+        timestep_shift=args.timestep_shift,
+        initial_noise_scale=args.initial_noise_scale,
         initial_latent_logvar=args.initial_latent_logvar,
     )
     steps = {}
@@ -108,6 +122,7 @@ def train_ladir(args, base, tokenizer, train):
             latent_noise_std=args.latent_noise_std,
             token_substitution_prob=args.token_substitution_prob,
             scaling_num_sentences=256,
+            flow_timestep_shift=args.flow_timestep_shift,
             logging_steps=25,
             save_strategy="no",
             report_to="none",
@@ -172,6 +187,53 @@ def oracle_latent_accuracy(model, tokenizer, test, batch_size=16):
     return {"answer_accuracy": correct / len(test), "num_problems": len(test), "examples": examples[:8]}
 
 
+@torch.no_grad()
+def denoiser_slot_accuracy(model, tokenizer, test, output_dir, noise_levels=(0.3, 0.5, 0.7, 0.9, 1.0), batch_size=8):
+    """(b2), token-aligned latents: how well the denoiser recovers a block from noise level ``t`` in one step.
+
+    Every block of the true reasoning is noised to ``z_t`` (context: the prompt and the true blocks before it); the
+    one-step clean estimate ``z_t - t v`` and the true latent are each read per slot as their nearest codebook token
+    (`latent_codebook`). Reports the share of the sentences' slots where the two agree, and of blocks where they agree
+    in every such slot (the empty slots after a sentence are not scored).
+    """
+    args = LaDiRSFTConfig(output_dir=output_dir, stage="reasoner", answer_template=ANSWER_TEMPLATE, max_answer_length=16,
+                          per_device_eval_batch_size=64, report_to="none", use_cpu=model.device.type == "cpu")
+    rows = LaDiRSFTTrainer._prepare_dataset(test, model, tokenizer, args)
+    collate = DataCollatorForLatentReasoner(tokenizer)
+    codebook = model.latent_codebook().float()
+    generator = torch.Generator().manual_seed(0)
+    hits = {t: [0, 0, 0, 0] for t in noise_levels}  # token hits, tokens, exact blocks, blocks
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]).items()}
+        latents, block_mask = batch["latents"], batch["block_mask"].bool()
+        num_rows, num_blocks = block_mask.shape
+        for t in noise_levels:
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+            noisy = (1 - t) * latents + t * noise
+            velocity = model._packed_forward(
+                batch["prompt_ids"], batch["prompt_mask"], latents, block_mask, noisy_latents=noisy,
+                noisy_timesteps=torch.full((num_rows, num_blocks), t, device=latents.device),
+                noisy_block_index=torch.arange(num_blocks, device=latents.device).expand(num_rows, -1),
+            )["velocity"]
+            read = nearest_token(codebook, (noisy - t * velocity)[block_mask])  # the estimate, (blocks, L)
+            target = nearest_token(codebook, latents[block_mask])  # what the true latent reads as
+            is_token = batch["slot_token_ids"][block_mask] != tokenizer.eos_token_id
+            hits[t][0] += int(((read == target) & is_token).sum())
+            hits[t][1] += int(is_token.sum())
+            hits[t][2] += int(((read == target) | ~is_token).all(-1).sum())
+            hits[t][3] += len(target)
+    return {"noise_levels": list(noise_levels),
+            "token_accuracy": [hits[t][0] / hits[t][1] for t in noise_levels],
+            "block_exact_match": [hits[t][2] / hits[t][3] for t in noise_levels],
+            "num_blocks": hits[noise_levels[0]][3]}
+
+
+def nearest_token(codebook, latents):
+    """The codebook row nearest to each latent token ``(..., D)`` -> ``(...)`` token ids."""
+    distances = latents.pow(2).sum(-1, keepdim=True) - 2 * latents @ codebook.T + codebook.pow(2).sum(-1)
+    return distances.argmin(-1)
+
+
 def without_per_problem(result):
     return {key: value for key, value in result.items() if key != "per_problem"}
 
@@ -228,6 +290,8 @@ def main():
     sentences = [s for row in test for s in split_reasoning_into_sentences(row["reasoning"], args.max_blocks)]
     report["vae"] = vae_reconstruction(model, tokenizer, sentences)
     report["oracle_latents"] = oracle_latent_accuracy(model, tokenizer, test)
+    if model.config.token_aligned_latents:
+        report["denoiser"] = denoiser_slot_accuracy(model, tokenizer, test, args.output_dir)
     set_seed(args.seed)
     generate_fn = ladir_generate_fn(
         model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent, num_denoise_steps=args.num_denoise_steps,
@@ -249,6 +313,9 @@ def main():
     print(f"(a) VAE exact match {report['vae']['exact_match']:.3f}, token accuracy {report['vae']['token_accuracy']:.3f}"
           f" on {len(sentences)} held-out sentences")
     print(f"(b) answer accuracy with oracle latents {report['oracle_latents']['answer_accuracy']:.3f}")
+    if "denoiser" in report:
+        for t, accuracy, exact in zip(*(report["denoiser"][k] for k in ("noise_levels", "token_accuracy", "block_exact_match"))):
+            print(f"    denoiser from noise t={t}: token accuracy {accuracy:.3f}, block exact {exact:.3f}")
     print(f"(c) LaDiR pass@k {report['ladir']['pass_at_k']}")
     print(f"(d) text SFT pass@k {report['text_sft']['pass_at_k']}")
     print(f"Wrote {json_path} and {png_path}")

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from ladir_quality import train_ladir  # benchmarks/ladir_quality.py: the LaDiR recipe at a wall-clock budget
+from ladir_quality import add_ladir_recipe_arguments, train_ladir  # benchmarks/ladir_quality.py: the LaDiR recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer, SFTConfig
 
@@ -94,18 +94,9 @@ def parse_args(argv=None):
     parser.add_argument("--sft_budget_seconds", type=float, help="Wall-clock training time of each supervised start.")
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
     parser.add_argument("--batch_size", type=int, default=8, help="Batch size of the supervised starts.")
-    parser.add_argument("--vae_fraction", type=float, default=0.5, help="Share of the LaDiR budget for the VAE.")
-    parser.add_argument("--latent_tokens_per_block", type=int, default=4)
-    parser.add_argument("--latent_dim", type=int, default=128)
-    parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--vae_decoder_lora_rank", type=int, default=0, help="0: the frozen base LM decodes latents.")
-    parser.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
-    parser.add_argument("--max_blocks", type=int, default=4)
-    parser.add_argument("--vae_learning_rate", type=float, default=1e-3)
-    parser.add_argument("--reasoner_learning_rate", type=float, default=5e-4)
-    parser.add_argument("--initial_latent_logvar", type=float, default=-4.0)
-    parser.add_argument("--latent_noise_std", type=float, default=0.0)
-    parser.add_argument("--token_substitution_prob", type=float, default=0.0)
+    add_ladir_recipe_arguments(parser)
+    parser.set_defaults(vae_learning_rate=1e-3, initial_latent_logvar=-4.0, latent_noise_std=0.0,
+                        token_substitution_prob=0.0)
     # RL, with the same rollout budget on both sides
     parser.add_argument("--rl_steps", type=int, help="Optimizer steps of GRPO and of each LaDi-RL run.")
     parser.add_argument("--prompts_per_step", type=int, help="Prompts per RL step (both arms).")
@@ -115,7 +106,6 @@ def parse_args(argv=None):
     parser.add_argument("--ladirl_learning_rate", type=float)
     parser.add_argument("--latent_policy_parameters", nargs="+", default=["velocity_head", "denoiser_adapter"],
                         help="One LaDi-RL run (and evaluated model) per value, all from the same LaDiR start.")
-    parser.add_argument("--num_denoise_steps", type=int, default=6)
     parser.add_argument("--sde_noise_level", type=float, default=0.7)
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature of every model.")
     parser.add_argument("--max_new_tokens", type=int, help="Of the text models' worked solutions.")

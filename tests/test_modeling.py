@@ -61,10 +61,14 @@ def recompute(model, prompt_ids, prompt_mask, trace, num_latents, sde_noise_leve
 # ------------------------------------------------------------------ cached sampler == packed forward
 
 
+TOKEN_READOUT = dict(token_aligned_latents=True, velocity_parameterization="token_readout")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cfg_scale, diversity", [(1.0, 0.0), (2.5, 0.6)])
-def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale, diversity):
-    model = build(tokenizer, family).double()
+@pytest.mark.parametrize("velocity", ["direct", "token_readout"])
+def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale, diversity, velocity):
+    model = build(tokenizer, family, **(TOKEN_READOUT if velocity == "token_readout" else {})).double()
     prompt_ids, prompt_mask = prompts(tokenizer)
     trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=diversity).trace
     assert trace.step_log_probs.shape == (6, trace.step_latents.shape[1], K)

@@ -56,6 +56,7 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 ENCODER_ADAPTER, REASONER_ADAPTER, DENOISER_ADAPTER, VAE_DECODER_ADAPTER = "encoder", "reasoner", "denoiser", "vae_decoder"
 CONTINUE, ANSWER = 0, 1  # stop-head classes
 REASONER_MARKERS = {"bot": 0, "eot": 1, "soa": 2}  # rows of `marker_embeddings`
+VELOCITY_PARAMETERIZATIONS = ("direct", "token_readout")
 
 
 class LaDiRConfig(PretrainedConfig):
@@ -98,6 +99,19 @@ class LaDiRConfig(PretrainedConfig):
             SmolLM2-135M starts near 1.3 while the encoder's means differ between sentences by ~0.3, so the sampled
             latent carries little and the decoder learns to read it slowly; with -4 (std 0.14) the VAE overfits 8
             sentences in 100 steps (token accuracy 1.0, against 0.82 with torch's init; docs/sft.md).
+        velocity_parameterization (`str`, defaults to `"direct"`): how the denoiser's velocity is read from the LM.
+            `"direct"`: the adaLN head maps the hidden states of the noisy latent tokens to the velocity (LaDiR).
+            `"token_readout"` (needs `token_aligned_latents`): the LM's own token head predicts which token fills
+            each slot (read one position earlier, where a causal LM predicts the next token); the clean latent
+            estimate is the expected codebook latent of that prediction (`latent_codebook`) plus the adaLN head's
+            correction (zero at first), and ``v = (z_t - z_0_estimate) / t``, the velocity that estimate implies.
+            The reasoner stage then trains the estimate (x0 loss) and each slot's token (cross-entropy) instead of
+            the velocity, so the denoiser starts from the pretrained LM's next-token knowledge (cf. CDCD, Dieleman
+            et al. 2022).
+        token_readout_temperature (`float`, defaults to 1.0): temperature of the slot predictions in the token-readout
+            estimate, ``softmax(logits / temperature)``, in sampling and in every loss alike. 1.0 is the posterior
+            mean that the flow's ODE assumes; below 1 sharpens the estimate towards the most likely token, as
+            Diffusion-LM's clamping does, which helps when a block is denoised in a few steps.
         base_model_name_or_path (`str`, *optional*): the base LM's Hub id, when known (`from_base` records it). A local
             folder is never recorded: the config is what `push_to_hub` uploads, and a path of the machine that trained
             the model means nothing elsewhere (see `trl_ladi.default_model.base_model_hub_id`).
@@ -126,6 +140,8 @@ class LaDiRConfig(PretrainedConfig):
         initial_noise_scale: float = 2.0,
         sde_max_t: float = sampling.SDE_MAX_T,
         initial_latent_logvar: float | None = None,
+        velocity_parameterization: str = "direct",
+        token_readout_temperature: float = 1.0,
         base_model_name_or_path: str | None = None,
         **kwargs,
     ):
@@ -149,6 +165,8 @@ class LaDiRConfig(PretrainedConfig):
         self.initial_noise_scale = initial_noise_scale
         self.sde_max_t = sde_max_t
         self.initial_latent_logvar = initial_latent_logvar
+        self.velocity_parameterization = velocity_parameterization
+        self.token_readout_temperature = token_readout_temperature
         self.base_model_name_or_path = base_model_hub_id(base_model_name_or_path)
         if text_config is not None:  # the sub-config keeps where it was loaded from too: the same rule
             text_config.name_or_path = base_model_hub_id(text_config.name_or_path) or ""
@@ -183,6 +201,18 @@ class LaDiRConfig(PretrainedConfig):
             raise ValueError(f"timestep_embedding_dim must be even, got {self.timestep_embedding_dim}.")
         if not 0 < self.sde_max_t < 1:
             raise ValueError(f"sde_max_t must be in (0, 1), got {self.sde_max_t}.")
+        if self.velocity_parameterization not in VELOCITY_PARAMETERIZATIONS:
+            raise ValueError(
+                f"velocity_parameterization must be one of {VELOCITY_PARAMETERIZATIONS}, got "
+                f"'{self.velocity_parameterization}'."
+            )
+        if self.token_readout_temperature <= 0:
+            raise ValueError(f"token_readout_temperature must be > 0, got {self.token_readout_temperature}.")
+        if self.velocity_parameterization == "token_readout" and not self.token_aligned_latents:
+            raise ValueError(
+                "velocity_parameterization='token_readout' reads each latent slot as a token, which needs "
+                "token_aligned_latents=True; set it, or use velocity_parameterization='direct'."
+            )
 
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -247,6 +277,12 @@ class BlockLayout:
     def latent_tokens(self) -> slice:
         """The latent tokens inside a block (where the velocity head reads)."""
         return slice(2, 2 + self.num_latent_tokens)
+
+    @property
+    def readout_tokens(self) -> slice:
+        """Where a token-readout velocity predicts each slot's token: one position before the slot (``t-embed`` for
+        the first), where a causal LM predicts the next token."""
+        return slice(1, 1 + self.num_latent_tokens)
 
     @property
     def eot(self) -> int:
@@ -459,11 +495,8 @@ class LaDiRModel(PreTrainedModel):
         self.token_projection.bias.copy_(-(components.T @ mean))
         self.vae_latent_in.weight.copy_(components)
         self.vae_latent_in.bias.copy_(mean)
-        eos_token_id = self.config.text_config.eos_token_id
-        if isinstance(eos_token_id, list):
-            eos_token_id = eos_token_id[0]
-        if eos_token_id is not None:
-            self.empty_slot_embedding.copy_(embedding_weight[eos_token_id])
+        if self.config.text_config.eos_token_id is not None:
+            self.empty_slot_embedding.copy_(embedding_weight[self._eos_token_id()])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "LaDiRModel":
@@ -798,7 +831,8 @@ class LaDiRModel(PreTrainedModel):
         prompt: the clean blocks it reads did see it, exactly as the cached sampler's unconditional step sees them.
 
         Returns ``velocity`` ``(B, Q, L, D)``, ``stop_logits`` ``(B, Bm, 2)`` and ``answer_logits`` ``(B, A, V)``
-        (the logits that predict ``answer_ids``).
+        (the logits that predict ``answer_ids``); with the token-readout velocity also ``clean_latents``
+        ``(B, Q, L, D)`` and ``slot_logits`` ``(B, Q, L, V)`` (see :meth:`_velocity`).
         """
         device = prompt_ids.device
         layout = self.block_layout
@@ -899,15 +933,67 @@ class LaDiRModel(PreTrainedModel):
         if num_noisy:
             start = clean_start + num_blocks * width
             noisy_hidden = hidden[:, start : start + num_noisy * noisy_width].view(batch, num_noisy, noisy_width, -1)
-            time_embedding = noisy_time_embedding.view(batch, num_noisy, -1)
-            features = noisy_hidden[:, :, layout.latent_tokens]
-            if detach_velocity_features:  # the velocity head alone learns from this velocity (see denoising_log_probs)
-                features, time_embedding = features.detach(), time_embedding.detach()
-            velocity = self.velocity_head(features, time_embedding)
-            outputs["velocity"] = _float32_or_wider(velocity)
+            outputs.update(
+                self._velocity(
+                    noisy_hidden,
+                    noisy_latents,
+                    noisy_timesteps,
+                    noisy_time_embedding.view(batch, num_noisy, -1),
+                    detach_features=detach_velocity_features,
+                )
+            )
         if answer_length:
             outputs["answer_logits"] = _float32_or_wider(self._lm_logits(hidden[:, -answer_length - 1 : -1]))
         return outputs
+
+    # ------------------------------------------------------------------ the velocity
+
+    def _velocity(self, block_hidden, noisy_latents, t, time_embedding, detach_features: bool = False) -> dict:
+        """The velocity of noisy blocks from their hidden states ``(..., L + 2, H)``, at latents ``(..., L, D)``, times
+        ``t`` ``(...)`` and time embeddings ``(..., H)``. ``detach_features`` stops the gradient at the heads' input
+        (the velocity head alone learns; see :meth:`denoising_log_probs`)."""
+        layout = self.block_layout
+        if self.config.velocity_parameterization == "direct":
+            features = block_hidden[..., layout.latent_tokens, :]
+            if detach_features:
+                features, time_embedding = features.detach(), time_embedding.detach()
+            return {"velocity": _float32_or_wider(self.velocity_head(features, time_embedding))}
+        # token readout: each slot's token is predicted where a causal LM predicts the next token
+        features = block_hidden[..., layout.readout_tokens, :]
+        if detach_features:
+            features, time_embedding = features.detach(), time_embedding.detach()
+        slot_logits = _float32_or_wider(self._lm_logits(features))
+        # z_0 estimate: the expected latent of the predicted token, sum_v p(v) c_v, plus the adaLN head's correction
+        # (zero at first; it can learn what the encoder adds from context, and is the policy RL trains by default)
+        codebook = self.latent_codebook().to(slot_logits.dtype)
+        correction = _float32_or_wider(self.velocity_head(features, time_embedding))
+        probabilities = (slot_logits / self.config.token_readout_temperature).softmax(-1)
+        clean_latents = probabilities @ codebook + correction
+        # z_t = (1 - t) z_0 + t eps and v = eps - z_0 give v = (z_t - z_0) / t; the sampler never evaluates t = 0
+        velocity = (noisy_latents.to(clean_latents.dtype) - clean_latents) / t.to(clean_latents.dtype)[..., None, None]
+        return {"velocity": velocity, "clean_latents": clean_latents, "slot_logits": slot_logits}
+
+    @torch.no_grad()
+    def latent_codebook(self) -> torch.Tensor:
+        """``(V, D)``: the reasoner-space latent of each vocabulary token alone in a slot, ``s * token_projection(e_v)``;
+        the eos row holds the empty slot's latent (the token-readout velocity predicts eos for a slot after the
+        sentence). It reads only VAE parameters, so it is a constant of the reasoner and RL stages."""
+        if not self.config.token_aligned_latents:
+            raise ValueError("latent_codebook is for a model built with token_aligned_latents=True.")
+        vocab_size = self.config.text_config.vocab_size
+        embeddings = self._token_embeddings(torch.arange(vocab_size, device=self.device))
+        is_eos = torch.zeros(vocab_size, 1, dtype=torch.bool, device=self.device)
+        is_eos[self._eos_token_id()] = True
+        embeddings = torch.where(is_eos, self.empty_slot_embedding.to(embeddings.dtype), embeddings)
+        return self.config.latent_scaling_factor * self.token_projection(embeddings)
+
+    def _eos_token_id(self) -> int:
+        eos_token_id = self.config.text_config.eos_token_id
+        if isinstance(eos_token_id, list):
+            eos_token_id = eos_token_id[0]
+        if eos_token_id is None:
+            raise ValueError("The base model's config has no eos_token_id; set `text_config.eos_token_id`.")
+        return eos_token_id
 
     # ------------------------------------------------------------------ losses
 
@@ -924,18 +1010,35 @@ class LaDiRModel(PreTrainedModel):
         stop_weight: float = 2.0,
         prompt_dropout: float = 0.1,
         rollout_denoise_steps: int = 0,
+        slot_token_ids=None,
+        slot_token_weight: float = 1.0,
+        timestep_shift: float = 1.0,
     ) -> dict:
         """LaDiR's reasoner loss, ``flow + answer + stop`` weighted, on the VAE's latents (reasoner space).
 
-        Each real block gets one noisy copy at a uniform random ``t`` with the flow-matching target ``eps - z_0``.
+        Each real block gets one noisy copy at a random ``t`` (uniform, shifted towards 1 by ``timestep_shift > 1``)
+        with the flow-matching target ``eps - z_0``.
         With ``rollout_denoise_steps > 0`` (LaDiR's stage 2) the answer is read from latents the model generates
         itself from noise in that many Euler steps, with the gradient kept through the velocities, so the answer
         loss teaches the denoiser to write latents the decoder can answer from; the flow and stop losses on the
         VAE's latents stay as an anchor against latent collapse.
+
+        With the token-readout velocity (`LaDiRConfig.velocity_parameterization`) the flow loss is taken on the
+        clean-latent estimate, ``|z_0_estimate - z_0|^2`` (the velocity error times ``t^2``, which stays finite as
+        ``t -> 0``), and ``slot_token_ids`` ``(B, Bm, L)`` (each slot's token, eos for an empty slot) add a
+        cross-entropy on the slot predictions, weighted by ``slot_token_weight``; other models ignore them.
         """
+        token_readout = self.config.velocity_parameterization == "token_readout"
+        if token_readout and slot_token_ids is None:
+            raise ValueError(
+                "A model with velocity_parameterization='token_readout' trains on each slot's token: pass "
+                "`slot_token_ids` (B, blocks, L) (LaDiRSFTTrainer builds them from the reasoning sentences)."
+            )
         batch, num_blocks = block_mask.shape
         device = latents.device
         t = torch.rand(batch, num_blocks, device=device)
+        # SD3's shift of the training times towards noise, s u / (1 + (s - 1) u): where a block is decided
+        t = timestep_shift * t / (1 + (timestep_shift - 1) * t)
         noise = torch.randn_like(latents)
         noisy_latents, velocity_target = sampling.add_flow_noise(latents.flatten(0, 1), noise.flatten(0, 1), t.flatten())
         drop_prompt = None
@@ -961,7 +1064,10 @@ class LaDiRModel(PreTrainedModel):
                 prompt_ids, prompt_mask, generated, block_mask, answer_ids=answer_ids, answer_mask=answer_mask
             )["answer_logits"]
         real_blocks = block_mask.float()
-        flow_error = (outputs["velocity"] - velocity_target.view_as(latents)).pow(2).mean(dim=(-1, -2))
+        if token_readout:
+            flow_error = (outputs["clean_latents"] - latents).pow(2).mean(dim=(-1, -2))
+        else:
+            flow_error = (outputs["velocity"] - velocity_target.view_as(latents)).pow(2).mean(dim=(-1, -2))
         flow_loss = (flow_error * real_blocks).sum() / real_blocks.sum().clamp(min=1)
         # stop target: "answer" at the last real block, "continue" before it
         num_real = block_mask.sum(-1, keepdim=True)
@@ -971,12 +1077,15 @@ class LaDiRModel(PreTrainedModel):
         answer_token_loss = F.cross_entropy(outputs["answer_logits"].transpose(1, 2), answer_ids, reduction="none")
         answer_weights = answer_mask.float()
         answer_loss = (answer_token_loss * answer_weights).sum() / answer_weights.sum().clamp(min=1)
-        return {
-            "loss": flow_weight * flow_loss + answer_weight * answer_loss + stop_weight * stop_loss,
-            "flow_loss": flow_loss.detach(),
-            "answer_loss": answer_loss.detach(),
-            "stop_loss": stop_loss.detach(),
-        }
+        loss = flow_weight * flow_loss + answer_weight * answer_loss + stop_weight * stop_loss
+        metrics = {"flow_loss": flow_loss.detach(), "answer_loss": answer_loss.detach(), "stop_loss": stop_loss.detach()}
+        if token_readout:
+            slot_loss = F.cross_entropy(outputs["slot_logits"].flatten(0, 2), slot_token_ids.flatten(), reduction="none")
+            slot_loss = slot_loss.view(batch, num_blocks, -1).mean(-1)
+            slot_token_loss = (slot_loss * real_blocks).sum() / real_blocks.sum().clamp(min=1)
+            loss = loss + slot_token_weight * slot_token_loss
+            metrics["slot_token_loss"] = slot_token_loss.detach()
+        return {"loss": loss, **metrics}
 
     def _rollout_latents(self, prompt_ids, prompt_mask, block_mask, num_denoise_steps: int) -> torch.Tensor:
         """Blocks ``(B, Bm, L, D)`` denoised from noise one after another by Euler steps, differentiably."""
@@ -1146,7 +1255,7 @@ class LaDiRModel(PreTrainedModel):
         with self._denoiser_adapter_at(None):  # every position fed is the noisy block's
             hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
         context.cache.crop(-layout.noisy_width)
-        return _float32_or_wider(self.velocity_head(hidden[:, layout.latent_tokens], time_embedding))
+        return self._velocity(hidden, latents, t, time_embedding)["velocity"]
 
     def append_block(self, context: ReasonerContext, latents: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
         """Append a finished block ``<bot>, t=0, z_0, <eot>`` (``latents`` ``(R, L, D)``) to the context and return

@@ -57,6 +57,13 @@ class LaDiRSFTConfig(TrainingArguments):
             learns the unconditional velocity that classifier-free guidance needs (LaDiR: 0.1). Only the noisy copies
             lose it; the clean blocks they read and the answer keep it, which is the context the sampler's
             unconditional velocity has.
+        flow_timestep_shift (`float`, defaults to `1.0`):
+            Shift of the reasoner's training times towards noise, ``t = s u / (1 + (s - 1) u)`` with ``u`` uniform (SD3;
+            1.0: uniform). A block's tokens are decided at high noise; below ``t = 0.5`` a token-aligned block is read
+            back almost exactly in one step (benchmarks/ladir_quality.py, (b2)).
+        slot_token_weight (`float`, defaults to `1.0`):
+            Weight of the cross-entropy of each latent slot's token, for a model whose velocity is read from token
+            predictions (`LaDiRConfig.velocity_parameterization="token_readout"`); unused otherwise.
         rollout_denoise_steps (`int`, defaults to `4`):
             Euler steps per block in the `"rollout"` stage (LaDiR: 10, fewer than at inference). Each is a forward
             pass with gradients, so the stage costs about `blocks * steps` times a reasoner step.
@@ -131,6 +138,16 @@ class LaDiRSFTConfig(TrainingArguments):
         metadata={"help": "Probability of hiding the prompt from a trace's noisy block copies (its clean blocks and "
                   "answer keep it), for classifier-free guidance (LaDiR: 0.1)."},
     )
+    flow_timestep_shift: float = field(
+        default=1.0,
+        metadata={"help": "Shift of the reasoner's training times towards noise, t = s u / (1 + (s - 1) u) (SD3); "
+                  "1.0: uniform."},
+    )
+    slot_token_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the cross-entropy of each latent slot's token (models with "
+                  "velocity_parameterization='token_readout' only)."},
+    )
 
     rollout_denoise_steps: int = field(
         default=4,
@@ -152,6 +169,8 @@ class LaDiRSFTConfig(TrainingArguments):
         for name in ("max_sentence_length", "scaling_num_sentences", "rollout_denoise_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.flow_timestep_shift <= 0:
+            raise ValueError(f"flow_timestep_shift must be > 0 (1.0: uniform times), got {self.flow_timestep_shift}.")
         if self.max_answer_length < 2:
             raise ValueError(
                 f"max_answer_length must be at least 2 (an answer token and the end-of-sequence token), got "

@@ -33,8 +33,8 @@ from trl_ladi.trainers.sft_config import LaDiRSFTConfig
 
 STAGE_METRICS = {
     "vae": ("reconstruction_loss", "kl", "token_accuracy"),
-    "reasoner": ("flow_loss", "answer_loss", "stop_loss"),
-    "rollout": ("flow_loss", "answer_loss", "stop_loss"),
+    "reasoner": ("flow_loss", "answer_loss", "stop_loss", "slot_token_loss"),
+    "rollout": ("flow_loss", "answer_loss", "stop_loss", "slot_token_loss"),
 }
 NUM_SUMMARY_EXAMPLES = 2
 
@@ -86,7 +86,7 @@ class DataCollatorForLatentReasoner:
         answer_ids, answer_mask = _pad_token_lists(
             [list(example["answer_ids"]) for example in examples], self.tokenizer.pad_token_id, "right"
         )
-        return {
+        batch = {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "latents": pad(latents, 0.0),
@@ -94,6 +94,10 @@ class DataCollatorForLatentReasoner:
             "answer_ids": answer_ids,
             "answer_mask": answer_mask,
         }
+        if "slot_token_ids" in examples[0]:  # token-aligned models: each slot's token (padding blocks are masked)
+            slot_ids = [torch.as_tensor(example["slot_token_ids"], dtype=torch.long) for example in examples]
+            batch["slot_token_ids"] = pad(slot_ids, self.tokenizer.eos_token_id)
+        return batch
 
 
 class LaDiRSFTTrainer(Trainer):
@@ -221,9 +225,16 @@ class LaDiRSFTTrainer(Trainer):
             ids[: args.max_answer_length - 1] + [tokenizer.eos_token_id]
             for ids in tokenizer(answer_texts, add_special_tokens=False)["input_ids"]
         ]
-        prepared = datasets.Dataset.from_dict(
-            {"prompt": dataset["prompt"], "answer_ids": answer_ids, "latents": [row.numpy() for row in per_row_latents]}
-        )
+        columns = {"prompt": dataset["prompt"], "answer_ids": answer_ids, "latents": [row.numpy() for row in per_row_latents]}
+        if model.config.token_aligned_latents:
+            # what each slot holds: the sentence's tokens, then eos (the token-readout velocity learns to predict them)
+            num_slots = model.config.latent_tokens_per_block
+            slot_ids = [ids + [tokenizer.eos_token_id] * (num_slots - len(ids)) for ids in flat_ids]
+            row_starts = [0]
+            for row in sentences:
+                row_starts.append(row_starts[-1] + len(row))
+            columns["slot_token_ids"] = [slot_ids[start:end] for start, end in zip(row_starts[:-1], row_starts[1:])]
+        prepared = datasets.Dataset.from_dict(columns)
         return prepared.with_format("torch", columns=["latents"], output_all_columns=True)
 
     # ------------------------------------------------------------------ loss and metrics
@@ -248,10 +259,13 @@ class LaDiRSFTTrainer(Trainer):
                 stop_weight=args.stop_weight,
                 prompt_dropout=args.prompt_dropout if model.training else 0.0,
                 rollout_denoise_steps=args.rollout_denoise_steps if args.stage == "rollout" else 0,
+                slot_token_weight=args.slot_token_weight,
+                timestep_shift=args.flow_timestep_shift,
             )
         mode = "train" if model.training else "eval"
         for name in STAGE_METRICS[args.stage]:
-            self._metrics[mode][name].append(self.accelerator.gather(outputs[name]).mean().item())
+            if name in outputs:  # slot_token_loss: token-readout models only
+                self._metrics[mode][name].append(self.accelerator.gather(outputs[name]).mean().item())
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def _substitute_tokens(self, sentence_ids: torch.Tensor, sentence_mask: torch.Tensor) -> torch.Tensor:
