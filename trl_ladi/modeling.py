@@ -15,8 +15,10 @@ One base LM is shared by every role, so a large model is held in memory once:
       prompt, [<bot>, t-embed, z_1..z_L, <eot>] x blocks, <soa>, answer tokens
 
   Attention is causal across blocks and bidirectional inside a block (``<eot>`` sees its whole block). The block
-  being denoised is ``<bot>, t-embed, z_t,1..z_t,L``; an adaLN head maps its hidden states to the velocity. A stop
-  head at each ``<eot>`` says "another block" (0) or "start the answer" (1).
+  being denoised is ``<bot>, t-embed, z_t,1..z_t,L``; an adaLN head maps its hidden states to the velocity (or, with
+  ``velocity_parameterization="token_readout"``, the LM's token head predicts each slot's token and the velocity
+  follows from the expected codebook latent). A stop head at each ``<eot>`` says "another block" (0) or "start the
+  answer" (1).
 
 Two ways to run the reasoner give the same numbers (tested):
 * ``_packed_forward``: one forward over whole traces, used for training. Noisy copies of a block sit at the block's
