@@ -314,6 +314,7 @@ class ReasonerContext:
     num_real_blocks: torch.Tensor  # (R,): blocks appended while the row had not stopped
     num_blocks: int = 0  # blocks appended, the same for every row
     num_answer_tokens: int = 0  # answer positions fed (``<soa>`` included)
+    latent_codebook: torch.Tensor | None = None  # the token-readout velocity's codebook, computed once per pass
     num_lm_tokens: int = 0  # positions fed to the LM so far, over all rows (shows the cache at work)
 
     @property
@@ -950,10 +951,13 @@ class LaDiRModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ the velocity
 
-    def _velocity(self, block_hidden, noisy_latents, t, time_embedding, detach_features: bool = False) -> dict:
+    def _velocity(
+        self, block_hidden, noisy_latents, t, time_embedding, detach_features: bool = False, codebook=None
+    ) -> dict:
         """The velocity of noisy blocks from their hidden states ``(..., L + 2, H)``, at latents ``(..., L, D)``, times
         ``t`` ``(...)`` and time embeddings ``(..., H)``. ``detach_features`` stops the gradient at the heads' input
-        (the velocity head alone learns; see :meth:`denoising_log_probs`)."""
+        (the velocity head alone learns; see :meth:`denoising_log_probs`). ``codebook``: `latent_codebook()`, when the
+        caller already has it."""
         layout = self.block_layout
         if self.config.velocity_parameterization == "direct":
             features = block_hidden[..., layout.latent_tokens, :]
@@ -967,7 +971,7 @@ class LaDiRModel(PreTrainedModel):
         slot_logits = _float32_or_wider(self._lm_logits(features))
         # z_0 estimate: the expected latent of the predicted token, sum_v p(v) c_v, plus the adaLN head's correction
         # (zero at first; it can learn what the encoder adds from context, and is the policy RL trains by default)
-        codebook = self.latent_codebook().to(slot_logits.dtype)
+        codebook = (self.latent_codebook() if codebook is None else codebook).to(slot_logits.dtype)
         correction = _float32_or_wider(self.velocity_head(features, time_embedding))
         probabilities = (slot_logits / self.config.token_readout_temperature).softmax(-1)
         clean_latents = probabilities @ codebook + correction
@@ -1257,7 +1261,9 @@ class LaDiRModel(PreTrainedModel):
         with self._denoiser_adapter_at(None):  # every position fed is the noisy block's
             hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
         context.cache.crop(-layout.noisy_width)
-        return self._velocity(hidden, latents, t, time_embedding)["velocity"]
+        if self.config.velocity_parameterization == "token_readout" and context.latent_codebook is None:
+            context.latent_codebook = self.latent_codebook()  # a constant of the pass: not once per denoising step
+        return self._velocity(hidden, latents, t, time_embedding, codebook=context.latent_codebook)["velocity"]
 
     def append_block(self, context: ReasonerContext, latents: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
         """Append a finished block ``<bot>, t=0, z_0, <eot>`` (``latents`` ``(R, L, D)``) to the context and return

@@ -219,7 +219,8 @@ class LaDiRSFTTrainer(Trainer):
             block_latents = model.config.latent_scaling_factor * encode_sentences(
                 model, flat_ids, tokenizer.pad_token_id, args.per_device_eval_batch_size
             )
-        per_row_latents = block_latents.split([len(row) for row in sentences])
+        blocks_per_row = [len(row) for row in sentences]
+        per_row_latents = block_latents.split(blocks_per_row)
         answer_texts = [args.answer_template.format(answer=answer) for answer in dataset["answer"]]
         answer_ids = [
             ids[: args.max_answer_length - 1] + [tokenizer.eos_token_id]
@@ -229,11 +230,8 @@ class LaDiRSFTTrainer(Trainer):
         if model.config.token_aligned_latents:
             # what each slot holds: the sentence's tokens, then eos (the token-readout velocity learns to predict them)
             num_slots = model.config.latent_tokens_per_block
-            slot_ids = [ids + [tokenizer.eos_token_id] * (num_slots - len(ids)) for ids in flat_ids]
-            row_starts = [0]
-            for row in sentences:
-                row_starts.append(row_starts[-1] + len(row))
-            columns["slot_token_ids"] = [slot_ids[start:end] for start, end in zip(row_starts[:-1], row_starts[1:])]
+            slot_ids = torch.tensor([ids + [tokenizer.eos_token_id] * (num_slots - len(ids)) for ids in flat_ids])
+            columns["slot_token_ids"] = [row.numpy() for row in slot_ids.split(blocks_per_row)]
         prepared = datasets.Dataset.from_dict(columns)
         return prepared.with_format("torch", columns=["latents"], output_all_columns=True)
 
