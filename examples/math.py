@@ -358,6 +358,8 @@ def main(script_args: ScriptArguments, training_args: LaDiRLConfig):
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
-    # tear the process group down before the interpreter exits: left to interpreter shutdown, a communication thread
-    # can still be running and abort the process (seen once under ZeRO-3: 'terminate called without an active exception')
+    # tear the process group down before the interpreter exits, every process at once: left to interpreter shutdown,
+    # or torn down while another process still works, a communication thread can abort the process ('terminate called
+    # without an active exception': seen under ZeRO-3, and under ZeRO-2 on a process that finished first)
+    PartialState().wait_for_everyone()
     PartialState().destroy_process_group()
