@@ -79,3 +79,24 @@ def test_bench_vs_grpo_natural_mode_runs_on_reproduce_outputs(reproduce_output, 
     for side in ("grpo", "ladirl"):
         assert record["summary"][side]["wall_seconds"]["mean"] > 0
     assert record["ratio_ladirl_over_grpo"]["answers_per_second"] > 0
+
+
+def test_profile_rollout_smoke(tmp_path):
+    """benchmarks/profile_rollout.py on the tiny model: every section is written, with the counts the settings give."""
+    output = tmp_path / "profile.json"
+    result = run_benchmark("profile_rollout.py", "--tiny", "--rows", "4", "--prompt_tokens", "8", "--blocks", "3",
+                           "--denoise_steps", "2", "--answer_tokens", "3", "--calls", "2", "--output", str(output),
+                           cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert len(record["calls"]) == 2 and all(call["blocks"] == 3 for call in record["calls"])
+    phases = record["profile"]["phases"]
+    assert phases["denoising_velocity"]["calls"] == 3 * 2 and phases["append_block"]["calls"] == 3
+    assert phases["answer_step"]["calls"] == 3 and record["profile"]["top_operators"]
+    assert record["profile"]["timestep_embedding_calls"] == 3 * 2 + 3  # once per denoising step, once per block
+    assert record["decode_vs_generate"]["answer_tokens"] == 3 and record["decode_vs_generate"]["ladir_decode_s_per_token"] > 0
+    early = record["early_stops"]
+    # 4 rows x 3 blocks, or 2 rows stopping after the first: 4 + 2 + 2 blocks, and fewer LM positions fed
+    assert early["every_row_every_block"]["blocks_written"] == 12
+    assert early["half_stop_after_one_block"]["blocks_written"] == 8
+    assert early["half_stop_after_one_block"]["lm_positions"] < early["every_row_every_block"]["lm_positions"]

@@ -440,8 +440,9 @@ def test_num_lm_tokens_shows_the_cache_and_the_shared_prefill(tokenizer, statist
         assert len(out.completion_ids) == rows * decodes
         assert all(len(ids) == new_tokens for ids in out.completion_ids)
         cfg = 2 if cfg_scale != 1.0 else 1
-        expected = (rows * prompt_length + blocks * rows * (K * cfg * (L + 2) + (L + 3))
-                    + rows * decodes * new_tokens)
+        # a block is fed only for the rows still writing (block_mask), not for those that chose the answer
+        written = int(out.trace.block_mask.sum())
+        expected = rows * prompt_length + written * (K * cfg * (L + 2) + (L + 3)) + rows * decodes * new_tokens
         assert out.trace.num_lm_tokens == expected, (cfg_scale, decodes, out.trace.num_lm_tokens, expected)
         uncached = _uncached_tokens(rows, prompt_length, blocks, decodes, new_tokens, cfg)
         assert out.trace.num_lm_tokens < 0.4 * uncached, (out.trace.num_lm_tokens, uncached)
@@ -459,31 +460,71 @@ def test_num_lm_tokens_shows_the_cache_and_the_shared_prefill(tokenizer, statist
 
 
 @torch.no_grad()
-def test_stop_head_ends_rows_at_different_blocks(tokenizer):
-    """The stop decision is taken per row, from the row's own latents.
+def stop_half_the_rows_after_one_block(model, prompt_ids, prompt_mask, seed):
+    """Set the stop head's bias so that, sampling 8 latents per prompt with ``seed``, exactly the 8 of the 16 rows
+    with the largest "answer" gap after the first block stop there. Returns that gap (without the bias) per row.
 
     A random stop head's logit gap between "answer" and "continue" varies between rows by less than its offset
-    (measured: 1-2 vs 3-15), so whether rows differ would depend on the seed. The test controls it instead: it reads
-    the gaps after the first block and centres the stop bias between the 8th and 9th of the 16 rows; the same noise
-    then gives the same first blocks, and exactly the 8 rows above the middle answer after one block."""
-    model = build(tokenizer, seed=19)
-    prompt_ids, prompt_mask = prompts(tokenizer)
+    (measured: 1-2 vs 3-15), so whether rows differ would depend on the seed. This controls it instead: it reads the
+    gaps after the first block and centres the bias between the 8th and 9th rows; the same noise then gives the same
+    first blocks."""
     gaps = []
     hook = model.stop_head.register_forward_hook(lambda module, args, logits: gaps.append(logits[:, 1] - logits[:, 0]))
     try:
-        sample(model, prompt_ids, prompt_mask, num_latents=8, seed=20)
+        sample(model, prompt_ids, prompt_mask, num_latents=8, seed=seed)
     finally:
         hook.remove()
     first_block = gaps[0] - model.stop_head.bias[1] + model.stop_head.bias[0]  # the gap without the bias
     middle = first_block.sort().values[7:9].mean()
     model.stop_head.bias.copy_(torch.tensor([middle / 2, -middle / 2]))  # the gap is now first_block - middle
+    return first_block - middle
+
+
+@torch.no_grad()
+def test_stop_head_ends_rows_at_different_blocks(tokenizer):
+    """The stop decision is taken per row, from the row's own latents: exactly the 8 rows above the middle answer
+    after one block."""
+    model = build(tokenizer, seed=19)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    gap = stop_half_the_rows_after_one_block(model, prompt_ids, prompt_mask, seed=20)
     trace = sample(model, prompt_ids, prompt_mask, num_latents=8, seed=20).trace
     assert trace.num_blocks.min() >= 1 and trace.num_blocks.max() <= MAX_BLOCKS
-    assert torch.equal(trace.num_blocks == 1, first_block > middle), (trace.num_blocks, first_block)
+    assert torch.equal(trace.num_blocks == 1, gap > 0), (trace.num_blocks, gap)
     assert (trace.num_blocks == 1).sum() == 8 and (trace.num_blocks > 1).sum() == 8
     torch.testing.assert_close(trace.block_mask.sum(1), trace.num_blocks)
     # block_mask is a prefix of ones per row
     assert torch.equal(trace.block_mask, torch.arange(trace.block_mask.shape[1])[None] < trace.num_blocks[:, None])
+
+
+@torch.no_grad()
+def test_rows_that_chose_the_answer_are_not_fed_again(tokenizer):
+    """After half the rows stop at block 1, only the others are fed to the LM; the stopped rows' later blocks are
+    masked zeros in the cache. Nothing the rows see changes (float64): the packed forward recomputes the same
+    log-probs, and the answers equal those decoded from a context into which every row's every block was fed."""
+    model = build(tokenizer, seed=19).double()
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    stop_half_the_rows_after_one_block(model, prompt_ids, prompt_mask, seed=20)
+    pipeline = LaDiRPipeline(model)
+    rows_ids, rows_mask = prompt_ids.repeat_interleave(8, 0), prompt_mask.repeat_interleave(8, 0)
+    context = model.prefill(rows_ids, rows_mask)
+    trace = pipeline.sample_latents(context, sde_noise_level=0.7, generator=torch.Generator().manual_seed(20))
+    blocks = trace.block_mask.shape[1]
+    assert blocks > 1 and trace.block_mask.sum() < 16 * blocks  # some rows were left out of some block
+    assert context.num_lm_tokens == 16 * prompt_ids.shape[1] + int(trace.block_mask.sum()) * (K * (L + 2) + (L + 3))
+    out = model.denoising_log_probs(rows_ids, rows_mask, trace.step_latents, trace.timesteps, trace.mean_offsets,
+                                    trace.block_mask, torch.arange(K).expand(16, -1), 0.7)
+    real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
+    torch.testing.assert_close(out["log_probs"][real], trace.step_log_probs[real], rtol=0, atol=1e-9)
+
+    every_row_fed = model.prefill(rows_ids, rows_mask)
+    for block in range(blocks):
+        model.append_block(every_row_fed, trace.latents[:, block], is_real=trace.block_mask[:, block])
+    assert context.key_is_real.shape == every_row_fed.key_is_real.shape
+    assert torch.equal(context.key_is_real, every_row_fed.key_is_real)
+    answers = [pipeline.decode_answers(c, num_decodes=2, max_new_tokens=5, generator=torch.Generator().manual_seed(3))
+               for c in (context, every_row_fed)]
+    assert answers[0][0] == answers[1][0]
+    torch.testing.assert_close(answers[0][1], answers[1][1], rtol=0, atol=1e-9)
 
 
 # ------------------------------------------------------------------ save / load

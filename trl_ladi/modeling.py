@@ -30,6 +30,7 @@ Two ways to run the reasoner give the same numbers (tested):
 """
 
 import contextlib
+import copy
 import math
 import os
 import warnings
@@ -304,7 +305,8 @@ class ReasonerContext:
 
     Made by :meth:`LaDiRModel.prefill` and advanced by the step methods, in this order: denoising steps and
     finished blocks, then answer positions. Every row holds the same number of cached positions: a row that has
-    stopped keeps receiving blocks, which ``key_is_real`` masks out.
+    stopped gets each later block as positions that ``key_is_real`` masks out (zeros: the sampler feeds only the
+    other rows, through :meth:`select_rows` and :meth:`append_from`).
     """
 
     cache: DynamicCache
@@ -327,6 +329,42 @@ class ReasonerContext:
         self.cache.batch_repeat_interleave(repeats)
         for name in ("key_is_real", "key_is_prompt", "prompt_lengths", "num_real_blocks"):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def select_rows(self, rows: torch.Tensor) -> "ReasonerContext":
+        """A copy of the context holding only ``rows`` (indices), cache included: the sampler feeds the rows still
+        writing blocks, not those whose stop head chose the answer. :meth:`append_from` brings the block back."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_select_indices(rows)
+        return ReasonerContext(
+            cache=cache,
+            key_is_real=self.key_is_real[rows],
+            key_is_prompt=self.key_is_prompt[rows],
+            prompt_lengths=self.prompt_lengths[rows],
+            num_real_blocks=self.num_real_blocks[rows],
+            num_blocks=self.num_blocks,
+            num_answer_tokens=self.num_answer_tokens,
+            latent_codebook=self.latent_codebook,
+        )  # num_lm_tokens counts from zero: append_from adds it
+
+    def append_from(self, selected: "ReasonerContext", rows: torch.Tensor):
+        """Append the positions that ``selected`` (a :meth:`select_rows` copy for ``rows``) has beyond this context:
+        its keys and values for ``rows``, masked zeros for the other rows (as if they had been fed a masked block,
+        which is what every row holds when no row is left out), and what ``selected`` fed to the LM."""
+        num_new = selected.key_is_real.shape[1] - self.key_is_real.shape[1]
+        for layer_index, layer in enumerate(selected.cache.layers):
+            keys = layer.keys.new_zeros(self.rows, *layer.keys.shape[1:-2], num_new, layer.keys.shape[-1])
+            values = layer.values.new_zeros(self.rows, *layer.values.shape[1:-2], num_new, layer.values.shape[-1])
+            keys[rows], values[rows] = layer.keys[..., -num_new:, :], layer.values[..., -num_new:, :]
+            self.cache.update(keys, values, layer_index)
+        for name in ("key_is_real", "key_is_prompt"):
+            new = getattr(self, name).new_zeros(self.rows, num_new)
+            new[rows] = getattr(selected, name)[:, -num_new:]
+            setattr(self, name, torch.cat([getattr(self, name), new], 1))
+        self.num_real_blocks = self.num_real_blocks.index_copy(0, rows, selected.num_real_blocks)
+        self.num_blocks = selected.num_blocks
+        self.num_answer_tokens = selected.num_answer_tokens
+        self.latent_codebook = selected.latent_codebook
+        self.num_lm_tokens += selected.num_lm_tokens  # a copy counts from zero
 
 
 def _float32_or_wider(tensor: torch.Tensor) -> torch.Tensor:

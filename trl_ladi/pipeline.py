@@ -18,7 +18,7 @@ As in diffusers, the model gives the steps, `trl_ladi.sampling` the math of a st
             velocity = model.denoising_velocity(context, z, t)          (and without the prompt, for CFG)
             z ~ sampling.policy_step(z, velocity, t, t_next, ...)         (recorded in a LatentTrace)
         stop_logits = model.append_block(context, z, is_real)
-        stop once every row chose "answer"
+        stop once every row chose "answer" (until then, only the rows still writing are fed to the LM)
     then M answers per latent, token by token from the shared context (model.answer_step)
 
 The RL trainer calls `sample` on token ids; `sample_answers` is text in, text out.
@@ -211,13 +211,19 @@ class LaDiRPipeline:
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         for _ in range(max_blocks):
             block_mask.append(~stopped)
+            # Only the rows still writing are fed to the LM. A row whose stop head chose the answer gets a masked block
+            # in the cache without a forward, and velocity 0 in the step math (its records are masked everywhere).
+            writing = (~stopped).nonzero().squeeze(-1)
+            block_context = context if len(writing) == rows else context.select_rows(writing)
             z = initial_noise_scale * torch.randn(block_shape, device=device, dtype=dtype, generator=generator)
             steps = {name: [] for name in record}
             steps["step_latents"].append(z)
             for step in range(num_denoise_steps):
                 t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
-                velocity = model.denoising_velocity(context, z, t)
-                velocity_uncond = model.denoising_velocity(context, z, t, see_prompt=False) if cfg_scale != 1.0 else None
+                velocity = self._velocity(block_context, writing, z, t)
+                velocity_uncond = None
+                if cfg_scale != 1.0:
+                    velocity_uncond = self._velocity(block_context, writing, z, t, see_prompt=False)
                 # the repulsion among a prompt's latents depends on z alone, not on the weights: stored with the step
                 offset = sampling.diversity_guidance(
                     z, latent_group_size, t, t_next, diversity_guidance_scale, active=block_mask[-1]
@@ -244,8 +250,13 @@ class LaDiRPipeline:
                 record[name].append(torch.stack(values, 1))
 
             # the finished block becomes context; its <eot> decides: another block, or the answer
-            stop_logits = model.append_block(context, z, is_real=block_mask[-1])
-            stopped |= stop_logits.argmax(-1) == ANSWER
+            if block_context is context:
+                stopped |= model.append_block(context, z, is_real=block_mask[-1]).argmax(-1) == ANSWER
+            else:
+                is_real = torch.ones(len(writing), dtype=torch.bool, device=device)
+                answers = model.append_block(block_context, z[writing], is_real=is_real).argmax(-1) == ANSWER
+                context.append_from(block_context, writing)
+                stopped[writing] |= answers
             if bool(stopped.all()):
                 break
 
@@ -256,6 +267,15 @@ class LaDiRPipeline:
             num_blocks=block_mask.sum(1),
             block_mask=block_mask,
         )
+
+    def _velocity(self, block_context: ReasonerContext, writing: torch.Tensor, z, t, see_prompt: bool = True):
+        """The velocity of every row of ``z``; ``block_context`` holds the rows ``writing`` (all rows, or a
+        `select_rows` copy), and the other rows, which chose the answer, get 0 without a forward."""
+        if block_context.rows == z.shape[0]:
+            return self.model.denoising_velocity(block_context, z, t, see_prompt=see_prompt)
+        velocity = torch.zeros_like(z)
+        velocity[writing] = self.model.denoising_velocity(block_context, z[writing], t[writing], see_prompt=see_prompt)
+        return velocity
 
     @torch.no_grad()
     def decode_answers(
