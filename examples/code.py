@@ -27,9 +27,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import ast
 import importlib.util
 
-from accelerate import PartialState
 
 from trl_ladi.data import load_humaneval_dataset, load_user_dataset, split_reasoning_into_sentences
+from trl_ladi.process_group import end_process_group
 from trl_ladi.rewards import code_execution_reward
 
 # The pipeline (stages, evaluation, saving, Hub push) is the one of examples/math.py.
@@ -103,8 +103,4 @@ def make_parser(**defaults):
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
-    # tear the process group down before the interpreter exits, every process at once: left to interpreter shutdown,
-    # or torn down while another process still works, a communication thread can abort the process ('terminate called
-    # without an active exception': seen under ZeRO-3, and under ZeRO-2 on a process that finished first)
-    PartialState().wait_for_everyone()
-    PartialState().destroy_process_group()
+    end_process_group()

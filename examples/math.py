@@ -51,6 +51,7 @@ from trl_ladi.data import MATH_TASKS, load_math_dataset, load_user_dataset, prep
 from trl_ladi.default_model import default_model_path
 from trl_ladi.evaluation import evaluate_pass_at_k, format_pass_at_k_table, ladir_generate_fn, plot_pass_at_k
 from trl_ladi.hub import LADIRL_CARD_SETTINGS, push_ladir_model
+from trl_ladi.process_group import end_process_group
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
 
@@ -358,8 +359,4 @@ def main(script_args: ScriptArguments, training_args: LaDiRLConfig):
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
-    # tear the process group down before the interpreter exits, every process at once: left to interpreter shutdown,
-    # or torn down while another process still works, a communication thread can abort the process ('terminate called
-    # without an active exception': seen under ZeRO-3, and under ZeRO-2 on a process that finished first)
-    PartialState().wait_for_everyone()
-    PartialState().destroy_process_group()
+    end_process_group()

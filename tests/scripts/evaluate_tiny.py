@@ -12,6 +12,7 @@ import torch
 from accelerate import PartialState
 
 from trl_ladi.evaluation import evaluate_pass_at_k, ladir_generate_fn
+from trl_ladi.process_group import end_process_group
 from trl_ladi.testing import make_tokenizer, tiny_ladir_model
 
 PROMPTS = ["what is 3 plus 4 ?", "2 + 2 =", "the cat sat on", "a b c", "so we get", "the answer is", "first add",
@@ -41,8 +42,4 @@ def main(output_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # tear the process group down before the interpreter exits, every process at once: left to interpreter shutdown,
-    # or torn down while another process still works, a communication thread can abort the process ('terminate called
-    # without an active exception': seen under ZeRO-3, and under ZeRO-2 on a process that finished first)
-    PartialState().wait_for_everyone()
-    PartialState().destroy_process_group()
+    end_process_group()

@@ -8,13 +8,13 @@ import json
 import os
 import sys
 
-from accelerate import PartialState
 from datasets import Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from test_ladirl_trainer import PROMPTS, digit_fraction_reward, make_args, make_model  # noqa: E402
 
 from trl_ladi import LaDiRLTrainer  # noqa: E402
+from trl_ladi.process_group import end_process_group  # noqa: E402
 
 
 def main(output_dir):
@@ -45,8 +45,4 @@ def main(output_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # tear the process group down before the interpreter exits, every process at once: left to interpreter shutdown,
-    # or torn down while another process still works, a communication thread can abort the process ('terminate called
-    # without an active exception': seen under ZeRO-3, and under ZeRO-2 on a process that finished first)
-    PartialState().wait_for_everyone()
-    PartialState().destroy_process_group()
+    end_process_group()
