@@ -8,7 +8,8 @@ same reward (`math_accuracy_reward`):
 * LaDi-RL (`LaDiRLTrainer`): `N` latent traces x `M` answers per trace (`N * M = G`), answers of up to `C` tokens.
 
 The LaDiR model is a fresh `LaDiRModel.from_base(dir)`: its heads are untrained, which does not change what a step
-costs (the same forwards run whatever the weights). Its stop head is set to always say "another block" so that every
+costs (the same forwards run whatever the weights); its velocity head gets small random weights instead of zeros, so
+that the logged `sampler_log_prob_gap` (sampler vs loss log-probabilities) compares two non-trivial computations. Its stop head is set to always say "another block" so that every
 trace writes exactly `--blocks` latent blocks (an untrained stop head would stop at an arbitrary block; a trained one
 stops on its own, chain_sum's worked solutions have 2-3 steps).
 
@@ -20,6 +21,10 @@ the split rollout-generation / scoring / loss+update (the same wrappers on both 
 
     python benchmarks/bench_vs_grpo.py              # SmolLM2-135M (a few minutes on 2 CPU cores)
     python benchmarks/bench_vs_grpo.py --tiny       # smoke run on a random 2-layer Llama (seconds)
+
+On a GPU pass `--device cuda --bf16` (TRL's mixed precision: float32 weights, bf16 compute); each step then also
+records the peak GPU memory it allocated (`torch.cuda.max_memory_allocated`). `benchmarks/gpu_step.py` runs this
+for real-size models as part of its GPU check.
 
 `--natural SFT_DIR LADIR_DIR` compares each method on its natural task instead (e.g. the `text-sft` and `ladir`
 folders that benchmarks/reproduce.py writes): GRPO from the text-SFT model writing its worked solution (up to
@@ -144,8 +149,8 @@ def build_trainers(args, model_dir: str, workdir: Path):
         tokenizer.pad_token = tokenizer.eos_token
 
     common = dict(
-        use_cpu=True,
-        bf16=False,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
         temperature=1.0,
         max_steps=num_steps,
         learning_rate=1e-6,
@@ -179,7 +184,11 @@ def build_trainers(args, model_dir: str, workdir: Path):
         ladir_kwargs = dict(latent_dim=16) if args.tiny else {}
         ladir = LaDiRModel.from_base(model_dir, max_blocks=args.blocks, num_denoise_steps=args.denoise_steps,
                                      **ladir_kwargs)
-        with torch.no_grad():  # always "another block": every trace writes exactly `blocks` blocks
+        with torch.no_grad():
+            # a velocity field that is not zero (a fresh head's is), so that sampler_log_prob_gap measures something
+            for parameter in ladir.velocity_head.parameters():
+                parameter.normal_(0, 0.05)
+            # always "another block": every trace writes exactly `blocks` blocks
             ladir.stop_head.weight.zero_()
             ladir.stop_head.bias[CONTINUE], ladir.stop_head.bias[ANSWER] = 1.0, -1.0
     ladirl_args = LaDiRLConfig(
@@ -222,10 +231,16 @@ class Runner:
         trainer._metrics["train"].clear()
         self.rollout.pop(), self.scoring.pop()
         rss_before = self.monitor.reset()
+        on_gpu = torch.cuda.is_available() and not self.trainer.args.use_cpu
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         trainer.training_step(trainer.model, batch, None)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
         wall = time.perf_counter() - start
         rss_peak = self.monitor.read()
         rollout, scoring = self.rollout.pop(), self.scoring.pop()
@@ -243,12 +258,16 @@ class Runner:
             "mean_answer_tokens": metrics.get("completions/mean_length"),
             "reward": metrics.get("reward"),
         }
-        for key in ("time/denoising", "time/decoding", "time/scoring", "latent_blocks/mean"):
+        if on_gpu:
+            record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+        # sampler_log_prob_gap: |sampler's log-prob - the loss's recomputation|, the ratio check (docs/ladirl.md)
+        for key in ("time/denoising", "time/decoding", "time/scoring", "latent_blocks/mean", "sampler_log_prob_gap"):
             if key in metrics:
                 record[key] = metrics[key]
         self.records.append(record)
+        gpu = f", peak GPU {record['gpu_peak_bytes'] / 2**30:.2f} GiB" if on_gpu else ""
         print(f"  {self.name:8s} {'timed ' if timed else 'warmup'} step: {wall:7.2f} s, "
-              f"peak RSS {rss_peak / 2**30:.2f} GiB, mean answer {record['mean_answer_tokens']} tokens", flush=True)
+              f"peak RSS {rss_peak / 2**30:.2f} GiB{gpu}, mean answer {record['mean_answer_tokens']} tokens", flush=True)
 
 
 def summarize(records: list) -> dict:
@@ -263,7 +282,7 @@ def summarize(records: list) -> dict:
 
     keys = ["wall_seconds", "answers_per_second", "generation_seconds", "scoring_seconds",
             "loss_and_update_seconds", "rss_peak_bytes", "mean_answer_tokens", "time/denoising", "time/decoding",
-            "time/scoring", "latent_blocks/mean"]
+            "time/scoring", "latent_blocks/mean", "gpu_peak_bytes", "sampler_log_prob_gap"]
     summary = {key: stat(key) for key in keys}
     summary["rss_peak_bytes_max"] = max(r["rss_peak_bytes"] for r in records)
     summary["rss_growth_bytes_max"] = max(r["rss_peak_bytes"] - r["rss_before_bytes"] for r in timed)
@@ -293,6 +312,8 @@ def main():
                         help="what LaDi-RL trains: velocity_head, denoiser_adapter or reasoner")
     parser.add_argument("--grpo_gradient_checkpointing", action="store_true",
                         help="GRPO with gradient checkpointing (TRL's default; off here by default, as for LaDi-RL)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both trainers run")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision for both trainers (GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/vs_grpo_<model>.json)")
     args = parser.parse_args()
@@ -301,6 +322,8 @@ def main():
     for name, value in (natural_defaults if args.natural else other_defaults).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no GPU")
     if args.num_latents * args.num_decodes_per_latent != args.num_generations:
         parser.error("choose N * M = G so that both trainers score the same number of answers per prompt")
     warnings.filterwarnings("ignore")
@@ -334,7 +357,7 @@ def main():
     summaries = {"grpo": summarize(grpo_runner.records), "ladirl": summarize(ladirl_runner.records)}
     ratios = {}
     for key in ("wall_seconds", "answers_per_second", "generation_seconds", "loss_and_update_seconds",
-                "rss_peak_bytes", "mean_answer_tokens"):
+                "rss_peak_bytes", "mean_answer_tokens", "gpu_peak_bytes"):
         if key in summaries["grpo"] and key in summaries["ladirl"] and summaries["grpo"][key]["mean"]:
             ratios[key] = summaries["ladirl"][key]["mean"] / summaries["grpo"][key]["mean"]
     ratios["seconds_per_answer"] = 1 / ratios["answers_per_second"]
@@ -353,8 +376,8 @@ def main():
             "dataset": "chain_sum (trl_ladi.data.load_math_dataset), "
             + ("plain prompts" if args.natural else "conversational"),
             "reward": "trl_ladi.rewards.math_accuracy_reward",
-            "dtype": "float32",
-            "device": "cpu",
+            "dtype": "bf16 mixed precision (float32 weights)" if args.bf16 else "float32",
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "beta": 0.0,
             "grpo_gradient_checkpointing": args.grpo_gradient_checkpointing,
             "ladirl": {
@@ -364,7 +387,8 @@ def main():
                 "stop_head": "the trained model's own" if args.natural else
                 "forced to continue: every trace has exactly `blocks` latent blocks",
                 "weights": "trained LaDiR model (--natural)" if args.natural else
-                "fresh LaDiRModel.from_base (untrained heads; the cost of a step does not depend on them)",
+                "fresh LaDiRModel.from_base (untrained heads, velocity head N(0, 0.05); the cost of a step does not "
+                "depend on them)",
             },
             "grpo_weights": "text-SFT model (--natural)" if args.natural else "the base model",
             "trainable_parameters": {"grpo": grpo_runner.trainable, "ladirl": ladirl_runner.trainable},
@@ -402,6 +426,9 @@ def main():
         ("mean answer length (tok)", g["mean_answer_tokens"]["mean"], l["mean_answer_tokens"]["mean"],
          ratios["mean_answer_tokens"]),
     ]
+    if "gpu_peak_bytes" in ratios:
+        rows.insert(5, ("peak GPU memory (GiB)", g["gpu_peak_bytes"]["mean"] / gib, l["gpu_peak_bytes"]["mean"] / gib,
+                        ratios["gpu_peak_bytes"]))
     if args.natural:
         shape = (f"GRPO from text SFT, C={args.grpo_max_completion_length}; LaDi-RL from LaDiR, answers <= "
                  f"{args.max_completion_length}, {l['latent_blocks/mean']['mean']:.2f} blocks (own stop head) x "
@@ -416,6 +443,9 @@ def main():
         print(f"{name:26s} {grpo_value:10.3f} {ladirl_value:10.3f} {ratio_text}")
     print(f"LaDi-RL logged split (s): denoising {l['time/denoising']['mean']:.3f}, decoding "
           f"{l['time/decoding']['mean']:.3f}, scoring {l['time/scoring']['mean']:.3f}")
+    if "sampler_log_prob_gap" in l:
+        print(f"LaDi-RL sampler_log_prob_gap (nats per denoising step; the first PPO ratio is within exp(+-gap) of 1): "
+              f"mean {l['sampler_log_prob_gap']['mean']:.2e}, max {l['sampler_log_prob_gap']['max']:.2e}")
     print(f"load average: start {load_start}, end {load_end}; written {output}")
 
 

@@ -100,3 +100,29 @@ def test_profile_rollout_smoke(tmp_path):
     assert early["every_row_every_block"]["blocks_written"] == 12
     assert early["half_stop_after_one_block"]["blocks_written"] == 8
     assert early["half_stop_after_one_block"]["lm_positions"] < early["every_row_every_block"]["lm_positions"]
+
+
+def test_gpu_step_dry_run(tmp_path):
+    """benchmarks/gpu_step.py, the prepared GPU check, on CPU with a tiny model: every section runs and its checks
+    hold (the numbers on a GPU are the script's to report; here they show the code paths work)."""
+    output = tmp_path / "gpu_step.json"
+    result = run_benchmark("gpu_step.py", "--dry_run", "--output", str(output), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert record["dry_run"] and list(record["models"]) == ["tiny-llama"]
+    model = record["models"]["tiny-llama"]
+    assert set(model) == {"bf16", "attention", "compile", "vs_grpo"}
+    # all weights in bf16: the sampler's log-probs and the loss's agree to well inside the clip range (0.2)
+    assert model["bf16"]["steps_compared"] == 3 * 2 * 2  # rows x blocks x denoising steps
+    assert model["bf16"]["log_prob_gap_max"] < 0.1 and model["bf16"]["log_prob_scale"] > 1
+    # SDPA and eager attention read the block masks alike (float32)
+    assert model["attention"]["eager_implementation_used"] == "eager"
+    assert model["attention"]["sdpa_implementation_used"] == "sdpa"
+    assert model["attention"]["max_log_prob_difference"] < 1e-3
+    # the compiled decoder (backend "eager" on CPU: the graph capture without code generation) samples the same latents
+    assert model["compile"]["backend"] == "eager" and model["compile"]["max_latent_difference"] < 1e-5
+    vs_grpo = model["vs_grpo"]
+    assert vs_grpo["summary"]["grpo"]["mean_answer_tokens"]["mean"] <= 8
+    assert vs_grpo["summary"]["ladirl"]["latent_blocks/mean"]["mean"] == 2
+    assert vs_grpo["summary"]["ladirl"]["sampler_log_prob_gap"]["max"] < 1e-3  # float32
+    assert vs_grpo["ratio_ladirl_over_grpo"]["answers_per_second"] > 0
