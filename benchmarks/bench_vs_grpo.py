@@ -93,17 +93,22 @@ class RssMonitor(threading.Thread):
 # ------------------------------------------------------------------ models
 
 
+def save_tiny_llama(workdir: Path, seed: int) -> Path:
+    """A random 2-layer Llama and the tiny word-level tokenizer of trl_ladi/testing.py, saved in `workdir/tiny-llama`."""
+    from trl_ladi.testing import make_tokenizer, tiny_causal_lm
+
+    tokenizer = make_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=seed, hidden_size=64)
+    path = workdir / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def prepare_model_dir(args, workdir: Path) -> tuple[str, str]:
     """The base model directory and a short name for it."""
     if args.tiny:
-        from trl_ladi.testing import make_tokenizer, tiny_causal_lm
-
-        tokenizer = make_tokenizer()
-        model = tiny_causal_lm(tokenizer, seed=args.seed, hidden_size=64)
-        path = workdir / "tiny-llama"
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        return str(path), "tiny-llama"
+        return str(save_tiny_llama(workdir, args.seed)), "tiny-llama"
     if args.model:
         return args.model, Path(args.model).name
     from trl_ladi.default_model import default_model_path

@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_vs_grpo import save_tiny_llama  # benchmarks/bench_vs_grpo.py
 from machine import machine_info  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,14 +74,7 @@ def build_model_dirs(args, workdir: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if args.dry_run:
-        from trl_ladi.testing import make_tokenizer, tiny_causal_lm
-
-        tokenizer = make_tokenizer()
-        model = tiny_causal_lm(tokenizer, seed=args.seed, hidden_size=64)
-        folder = workdir / "tiny-llama"
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return {"tiny-llama": folder}
+        return {"tiny-llama": save_tiny_llama(workdir, args.seed)}
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
         from trl_ladi.default_model import default_model_path
