@@ -58,7 +58,7 @@ MODEL_SHAPES = {
 SIZES = {
     "gpu": dict(rows=8, blocks=3, denoise_steps=6, num_generations=32, num_latents=8, num_decodes_per_latent=4,
                 max_completion_length=16, grpo_max_completion_length=128, warmup=1, steps=2),
-    "dry_run": dict(rows=3, blocks=2, denoise_steps=2, num_generations=4, num_latents=2, num_decodes_per_latent=2,
+    "dry_run": dict(rows=3, blocks=2, denoise_steps=3, num_generations=4, num_latents=2, num_decodes_per_latent=2,
                     max_completion_length=4, grpo_max_completion_length=8, warmup=0, steps=1),
 }
 PROMPTS = ["What is 12 + 7 - 5?", "Compute 48 - 19 + 6.", "What is 3 + 4 + 5 - 2?"]

@@ -113,7 +113,7 @@ def test_gpu_step_dry_run(tmp_path):
     model = record["models"]["tiny-llama"]
     assert set(model) == {"bf16", "attention", "compile", "vs_grpo"}
     # all weights in bf16: the sampler's log-probs and the loss's agree to well inside the clip range (0.2)
-    assert model["bf16"]["steps_compared"] == 3 * 2 * 2  # rows x blocks x denoising steps
+    assert model["bf16"]["steps_compared"] == 3 * 2 * 3  # rows x blocks x denoising steps
     assert model["bf16"]["log_prob_gap_max"] < 0.1 and model["bf16"]["log_prob_scale"] > 1
     # SDPA and eager attention read the block masks alike (float32)
     assert model["attention"]["eager_implementation_used"] == "eager"
