@@ -9,9 +9,10 @@ same reward (`math_accuracy_reward`):
 
 The LaDiR model is a fresh `LaDiRModel.from_base(dir)`: its heads are untrained, which does not change what a step
 costs (the same forwards run whatever the weights); its velocity head gets small random weights instead of zeros, so
-that the logged `sampler_log_prob_gap` (sampler vs loss log-probabilities) compares two non-trivial computations. Its stop head is set to always say "another block" so that every
-trace writes exactly `--blocks` latent blocks (an untrained stop head would stop at an arbitrary block; a trained one
-stops on its own, chain_sum's worked solutions have 2-3 steps).
+that the logged `sampler_log_prob_gap` (sampler vs loss log-probabilities) compares two non-trivial computations. Its
+stop head is set to always say "another block" so that every trace writes exactly `--blocks` latent blocks (an
+untrained stop head would stop at an arbitrary block; a trained one stops on its own, chain_sum's worked solutions
+have 2-3 steps).
 
 Steps are interleaved (after `--warmup` untimed steps of each): GRPO, LaDi-RL, LaDi-RL, GRPO, ... (ABBA order), so
 that the load of a shared machine falls on both alike. For each step: wall time (rollout + loss + backward +
@@ -105,6 +106,19 @@ def save_tiny_llama(workdir: Path, seed: int) -> Path:
     return path
 
 
+@torch.no_grad()
+def set_cost_probe_heads(ladir):
+    """A fresh LaDiR model's heads for timing: a velocity field that is not zero (a fresh head's is), so that the
+    sampler/loss log-prob gap compares non-trivial numbers, and a stop head that always says "another block", so
+    that every trace writes exactly `max_blocks` blocks."""
+    from trl_ladi.modeling import ANSWER, CONTINUE
+
+    for parameter in ladir.velocity_head.parameters():
+        parameter.normal_(0, 0.05)
+    ladir.stop_head.weight.zero_()
+    ladir.stop_head.bias[CONTINUE], ladir.stop_head.bias[ANSWER] = 1.0, -1.0
+
+
 def prepare_model_dir(args, workdir: Path) -> tuple[str, str]:
     """The base model directory and a short name for it."""
     if args.tiny:
@@ -143,7 +157,6 @@ def build_trainers(args, model_dir: str, workdir: Path):
 
     from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel
     from trl_ladi.data import load_math_dataset
-    from trl_ladi.modeling import ANSWER, CONTINUE
     from trl_ladi.rewards import math_accuracy_reward
 
     num_steps = args.warmup + args.steps
@@ -189,13 +202,7 @@ def build_trainers(args, model_dir: str, workdir: Path):
         ladir_kwargs = dict(latent_dim=16) if args.tiny else {}
         ladir = LaDiRModel.from_base(model_dir, max_blocks=args.blocks, num_denoise_steps=args.denoise_steps,
                                      **ladir_kwargs)
-        with torch.no_grad():
-            # a velocity field that is not zero (a fresh head's is), so that sampler_log_prob_gap measures something
-            for parameter in ladir.velocity_head.parameters():
-                parameter.normal_(0, 0.05)
-            # always "another block": every trace writes exactly `blocks` blocks
-            ladir.stop_head.weight.zero_()
-            ladir.stop_head.bias[CONTINUE], ladir.stop_head.bias[ANSWER] = 1.0, -1.0
+        set_cost_probe_heads(ladir)
     ladirl_args = LaDiRLConfig(
         output_dir=str(workdir / "ladirl"),
         per_device_train_batch_size=args.num_latents,

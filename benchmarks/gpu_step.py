@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from bench_vs_grpo import save_tiny_llama  # benchmarks/bench_vs_grpo.py
+from bench_vs_grpo import save_tiny_llama, set_cost_probe_heads  # benchmarks/bench_vs_grpo.py
 from machine import machine_info  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,19 +100,13 @@ def build_model_dirs(args, workdir: Path) -> dict:
 
 def ladir_model(folder: Path, args, sizes, device, dtype, attention="sdpa"):
     from trl_ladi import LaDiRModel
-    from trl_ladi.modeling import ANSWER, CONTINUE
 
     torch.manual_seed(args.seed)
     model = LaDiRModel.from_base(
         str(folder), max_blocks=sizes["blocks"], num_denoise_steps=sizes["denoise_steps"], attn_implementation=attention,
         **(dict(latent_dim=16) if args.dry_run else {}),
     )
-    with torch.no_grad():
-        # a velocity field that is not zero (a fresh head's is), and every trace writes exactly `blocks` blocks
-        for parameter in model.velocity_head.parameters():
-            parameter.normal_(0, 0.05)
-        model.stop_head.weight.zero_()
-        model.stop_head.bias[CONTINUE], model.stop_head.bias[ANSWER] = 1.0, -1.0
+    set_cost_probe_heads(model)
     return model.to(device=device, dtype=dtype).eval()
 
 
