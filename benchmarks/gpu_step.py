@@ -251,14 +251,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         folders = build_model_dirs(args, workdir)
+        tokenizers = {name: AutoTokenizer.from_pretrained(folder, padding_side="left") for name, folder in folders.items()}
         # every model's quick sections first, the compilations (a minute or more each) last
         plan = [(name, section) for name in folders for section in ("bf16", "attention", "vs_grpo")]
         plan += [(name, "compile") for name in folders if args.dry_run or name in args.compile_models]
-        for name, section in plan:
-            if section not in args.sections:
-                continue
-            folder = folders[name]
-            tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+        for name, section in [(name, section) for name, section in plan if section in args.sections]:
+            folder, tokenizer = folders[name], tokenizers[name]
             checks = {
                 "bf16": lambda: check_bf16(folder, tokenizer, args, sizes, device),
                 "attention": lambda: check_attention(folder, tokenizer, args, sizes, device, dtype),
