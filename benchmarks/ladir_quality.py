@@ -54,6 +54,9 @@ def add_ladir_recipe_arguments(parser):
     group.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
     group.add_argument("--velocity_parameterization", choices=["direct", "token_readout"], default="direct",
                        help="'token_readout' (with --token_aligned_latents): the LM's token head predicts each slot.")
+    group.add_argument("--causal_denoiser", action="store_true",
+                       help="(with token_readout) A noisy block attends causally; slot j's noisy latent is added where it "
+                            "is read out.")
     group.add_argument("--max_blocks", type=int, default=4)
     group.add_argument("--vae_learning_rate", type=float, default=5e-4)
     group.add_argument("--reasoner_learning_rate", type=float, default=5e-4)
@@ -100,6 +103,7 @@ def train_ladir(args, base, tokenizer, train):
         vae_decoder_lora_rank=args.vae_decoder_lora_rank,
         token_aligned_latents=args.token_aligned_latents,
         velocity_parameterization=args.velocity_parameterization,
+        causal_denoiser=args.causal_denoiser,
         num_denoise_steps=args.num_denoise_steps,
         timestep_shift=args.timestep_shift,
         initial_noise_scale=args.initial_noise_scale,

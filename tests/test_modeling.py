@@ -30,6 +30,8 @@ def build(tokenizer, family="llama", seed=0, randomize=True, **kwargs):
         with torch.no_grad():
             for parameter in model.velocity_head.parameters():
                 parameter.normal_(0, 0.3)
+            if model.config.causal_denoiser:
+                model.denoiser_lookahead.weight.normal_(0, 0.3)
             model.stop_head.weight.normal_(0, 1.0)
             model.stop_head.bias.copy_(torch.tensor([0.5, -0.5]))
             for name, parameter in model.language_model.named_parameters():
@@ -62,13 +64,14 @@ def recompute(model, prompt_ids, prompt_mask, trace, num_latents, sde_noise_leve
 
 
 TOKEN_READOUT = dict(token_aligned_latents=True, velocity_parameterization="token_readout")
+VELOCITY_OPTIONS = {"direct": {}, "token_readout": TOKEN_READOUT, "causal_denoiser": dict(TOKEN_READOUT, causal_denoiser=True)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cfg_scale, diversity", [(1.0, 0.0), (2.5, 0.6)])
-@pytest.mark.parametrize("velocity", ["direct", "token_readout"])
+@pytest.mark.parametrize("velocity", list(VELOCITY_OPTIONS))
 def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale, diversity, velocity):
-    model = build(tokenizer, family, **(TOKEN_READOUT if velocity == "token_readout" else {})).double()
+    model = build(tokenizer, family, **VELOCITY_OPTIONS[velocity]).double()
     prompt_ids, prompt_mask = prompts(tokenizer)
     trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=diversity).trace
     assert trace.step_log_probs.shape == (6, trace.step_latents.shape[1], K)
@@ -223,6 +226,44 @@ def test_blocks_are_causal_across_and_bidirectional_inside(tokenizer):
     out = model._packed_forward(**masked)
     torch.testing.assert_close(out["answer_logits"], base["answer_logits"], rtol=0, atol=1e-6)
     torch.testing.assert_close(out["stop_logits"][:, :2], base["stop_logits"][:, :2], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_causal_denoiser_reads_slot_j_from_the_slots_up_to_j_only(tokenizer):
+    """`causal_denoiser`: slot j's estimate depends on the noisy slots 0..j (slot j through the lookahead input at the
+    position that reads it out), never on a later one; the clean blocks, the stop head and the answer are those of
+    the same model without it."""
+    model = build(tokenizer, seed=13, **VELOCITY_OPTIONS["causal_denoiser"]).double()
+    inputs = _packed_inputs(tokenizer)
+    for name in ("latents", "noisy_latents"):
+        inputs[name] = inputs[name].double()
+    reference = model._packed_forward(**inputs)
+    for token in range(L):
+        changed = dict(inputs, noisy_latents=inputs["noisy_latents"].clone())
+        changed["noisy_latents"][:, 0, token] += 1.0
+        out = model._packed_forward(**changed)
+        for slot in range(L):
+            moved = _changed(out["slot_logits"][:, 0, slot], reference["slot_logits"][:, 0, slot], atol=1e-9)
+            assert moved == (token <= slot), (token, slot)
+
+    # zero lookahead: slot j's prediction ignores slot j itself, it is the LM's next token after slots < j
+    model.denoiser_lookahead.weight.zero_()
+    changed = dict(inputs, noisy_latents=inputs["noisy_latents"].clone())
+    changed["noisy_latents"][:, 0, 1] += 1.0
+    torch.testing.assert_close(model._packed_forward(**changed)["slot_logits"][:, 0, 1],
+                               model._packed_forward(**inputs)["slot_logits"][:, 0, 1], rtol=0, atol=1e-12)
+
+    bidirectional = build(tokenizer, seed=13, **TOKEN_READOUT).double()
+    bidirectional.load_state_dict(model.state_dict(), strict=False)
+    other = bidirectional._packed_forward(**inputs)
+    for name in ("stop_logits", "answer_logits"):
+        torch.testing.assert_close(reference[name], other[name], rtol=0, atol=1e-12)
+    assert _changed(reference["slot_logits"], other["slot_logits"])
+
+
+def test_causal_denoiser_needs_the_token_readout_velocity(tokenizer):
+    with pytest.raises(ValueError, match="causal_denoiser=True .* velocity_parameterization='token_readout'"):
+        build(tokenizer, causal_denoiser=True)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from test_sft_trainer import (
 from trl_ladi.modeling import REASONER_ADAPTER, tokenize_prompts
 from trl_ladi.testing import make_tokenizer, tiny_ladir_model
 from trl_ladi.trainers import LaDiRSFTTrainer
+from trl_ladi.trainers.sft_trainer import _pad_token_lists
 
 SLOTS = 6  # the tiny chain sentences ("3 + 4 = 7 .") have 6 tokens
 
@@ -107,13 +108,26 @@ def test_the_vae_stage_teaches_the_decoder_adapter_to_read_token_aligned_latents
     margin.check("token accuracy after the VAE stage", trained_vae["after"], 0.6, ">")
 
 
-def test_the_reasoner_starts_reading_latents_as_the_vae_decoder_does(trained_vae):
-    model = trained_vae["model"]
+def test_the_reasoner_starts_reading_latent_slots_as_the_embeddings_the_encoder_read(trained_vae):
+    """After the VAE stage ``reasoner_latent_in(s * mu_j)`` is the least-squares fit of the embedding the encoder read
+    at slot ``j``, checked against torch's own least squares, and reads them far better than the decoder's map."""
+    model, trainer, tokenizer = trained_vae["model"], trained_vae["trainer"], trained_vae["tokenizer"]
     scale = model.config.latent_scaling_factor
     assert scale != 1.0
-    latents = torch.randn(3, SLOTS, model.config.latent_dim)
+    ids, mask = _pad_token_lists(trainer._scaling_sample(), tokenizer.pad_token_id, "left")
     with torch.no_grad():
-        assert torch.allclose(model.reasoner_latent_in(scale * latents), model.vae_latent_in(latents), atol=1e-4)
+        mu = model.encode(ids, mask)[0].flatten(0, 1)
+        targets = model.token_aligned_slot_embeddings(ids, mask).flatten(0, 1).double()
+        reasoner_read = model.reasoner_latent_in(scale * mu).double()
+        decoder_read = model.vae_latent_in(mu).double()
+    design = torch.cat([scale * mu, torch.ones(len(mu), 1)], 1).double()
+    best = design @ torch.linalg.lstsq(design, targets).solution
+
+    def error(read):
+        return ((read - targets).norm() / targets.norm()).item()
+
+    assert error(reasoner_read) <= 1.01 * error(best) + 1e-6, (error(reasoner_read), error(best))
+    assert error(reasoner_read) < 0.5 * error(decoder_read), (error(reasoner_read), error(decoder_read))
 
 
 # ---------------------------------------------------------------------- the token-readout velocity

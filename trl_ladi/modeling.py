@@ -84,9 +84,9 @@ class LaDiRConfig(PretrainedConfig):
             ``j``-th token (see the module docstring); sentences are cut to ``latent_tokens_per_block`` tokens, so
             make that the longest sentence's length. The first VAE stage starts ``token_projection`` and
             ``vae_latent_in`` as the top principal components of its sentences' token embeddings and their transpose
-            (`init_token_aligned_maps`), so the latents carry each token from the first step; at its end it copies
-            the trained ``vae_latent_in`` (rescaled by ``latent_scaling_factor``) into ``reasoner_latent_in``, so the
-            reasoner starts by reading its latents as the decoder does.
+            (`init_token_aligned_maps`), so the latents carry each token from the first step; at its end it fits
+            ``reasoner_latent_in`` by least squares to map each scaled latent slot to the embedding the encoder read
+            there, so the reasoner starts by reading a latent block as its sentence's tokens.
         lora_alpha_ratio (`float`, defaults to 2.0): LoRA alpha as a multiple of the rank.
         lora_target_modules (`list[str]`): linear layers of the base LM that get adapters.
         timestep_embedding_dim (`int`, defaults to 256): sinusoidal features of the diffusion time.
@@ -115,6 +115,12 @@ class LaDiRConfig(PretrainedConfig):
             estimate, ``softmax(logits / temperature)``, in sampling and in every loss alike. 1.0 is the posterior
             mean that the flow's ODE assumes; below 1 sharpens the estimate towards the most likely token, as
             Diffusion-LM's clamping does, which helps when a block is denoised in a few steps.
+        causal_denoiser (`bool`, defaults to `False`, needs `"token_readout"`): a block being denoised attends
+            causally, as the LM reads text, instead of bidirectionally (LaDiR), and each readout position also gets the
+            noisy latent of the slot it predicts, through `denoiser_lookahead` (a linear map, zero at first). So at
+            first the readout of slot ``j`` is the pretrained LM's next token after the slots before it, which the
+            future slots' noise cannot disturb (measured on SmolLM2-135M: result digits 43% right from a clean prefix,
+            against 18% when the prefix attends to noise; docs/sft.md).
         base_model_name_or_path (`str`, *optional*): the base LM's Hub id, when known (`from_base` records it). A local
             folder is never recorded: the config is what `push_to_hub` uploads, and a path of the machine that trained
             the model means nothing elsewhere (see `trl_ladi.default_model.base_model_hub_id`).
@@ -145,6 +151,7 @@ class LaDiRConfig(PretrainedConfig):
         initial_latent_logvar: float | None = None,
         velocity_parameterization: str = "direct",
         token_readout_temperature: float = 1.0,
+        causal_denoiser: bool = False,
         base_model_name_or_path: str | None = None,
         **kwargs,
     ):
@@ -170,6 +177,7 @@ class LaDiRConfig(PretrainedConfig):
         self.initial_latent_logvar = initial_latent_logvar
         self.velocity_parameterization = velocity_parameterization
         self.token_readout_temperature = token_readout_temperature
+        self.causal_denoiser = causal_denoiser
         self.base_model_name_or_path = base_model_hub_id(base_model_name_or_path)
         if text_config is not None:  # the sub-config keeps where it was loaded from too: the same rule
             text_config.name_or_path = base_model_hub_id(text_config.name_or_path) or ""
@@ -215,6 +223,11 @@ class LaDiRConfig(PretrainedConfig):
             raise ValueError(
                 "velocity_parameterization='token_readout' reads each latent slot as a token, which needs "
                 "token_aligned_latents=True; set it, or use velocity_parameterization='direct'."
+            )
+        if self.causal_denoiser and self.velocity_parameterization != "token_readout":
+            raise ValueError(
+                "causal_denoiser=True reads each slot one position earlier, which is the token-readout velocity: set "
+                "velocity_parameterization='token_readout' (and token_aligned_latents=True), or causal_denoiser=False."
             )
 
 
@@ -453,6 +466,9 @@ class LaDiRModel(PreTrainedModel):
         self.timestep_embedding = TimestepEmbedding(config.timestep_embedding_dim, hidden_size)
         self.velocity_head = AdaLNVelocityHead(hidden_size, latent_dim)
         self.stop_head = nn.Linear(hidden_size, 2)
+        if config.causal_denoiser:
+            # a noisy slot's latent, added at the position that reads it out (one earlier); zero at first
+            self.denoiser_lookahead = nn.Linear(latent_dim, hidden_size)
 
         for adapter_name, rank in ((ENCODER_ADAPTER, config.encoder_lora_rank), (REASONER_ADAPTER, config.reasoner_lora_rank)):
             self._inject_adapter(adapter_name, rank)
@@ -469,6 +485,9 @@ class LaDiRModel(PreTrainedModel):
         with torch.no_grad():
             for parameter in (*self.velocity_head.modulation[-1].parameters(), *self.velocity_head.linear.parameters()):
                 parameter.zero_()
+            if config.causal_denoiser:
+                for parameter in self.denoiser_lookahead.parameters():
+                    parameter.zero_()
             # a nearly deterministic posterior at first, so the decoder learns to read the latents (config docstring)
             if config.initial_latent_logvar is not None:
                 self.latent_logvar_head.weight.zero_()
@@ -684,8 +703,10 @@ class LaDiRModel(PreTrainedModel):
         return list(self.velocity_head.parameters())
 
     def denoiser_parameters(self) -> list[nn.Parameter]:
-        """What belongs to the denoiser alone: the velocity head and the denoiser adapter (when the model has one)."""
-        return self.velocity_head_parameters() + self.adapter_parameters(DENOISER_ADAPTER)
+        """What belongs to the denoiser alone: the velocity head, the denoiser adapter and the lookahead input (when
+        the model has them)."""
+        lookahead = list(self.denoiser_lookahead.parameters()) if self.config.causal_denoiser else []
+        return self.velocity_head_parameters() + self.adapter_parameters(DENOISER_ADAPTER) + lookahead
 
     def reasoner_parameters(self) -> list[nn.Parameter]:
         """What the reasoner stage trains: the shared reasoner parameters, the denoiser's own and the stop head."""
@@ -741,7 +762,9 @@ class LaDiRModel(PreTrainedModel):
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
     def _block_embeddings(self, latents: torch.Tensor, time_embedding: torch.Tensor, with_eot: bool) -> torch.Tensor:
-        """``<bot>, t-embed, latent_in(z_1..z_L)[, <eot>]`` for latents ``(R, L, D)``, time embeddings ``(R, H)``."""
+        """``<bot>, t-embed, latent_in(z_1..z_L)[, <eot>]`` for latents ``(R, L, D)``, time embeddings ``(R, H)``.
+        A noisy block (``with_eot=False``) of a causal denoiser also gets ``denoiser_lookahead(z_j)`` at the position
+        that reads slot ``j`` out (``t-embed`` for ``z_1``, ``z_{j-1}`` for ``z_j``)."""
         rows = latents.shape[0]
         parts = [
             self._marker("bot", rows, 1),
@@ -750,7 +773,11 @@ class LaDiRModel(PreTrainedModel):
         ]
         if with_eot:
             parts.append(self._marker("eot", rows, 1))
-        return torch.cat(parts, dim=1)
+        embeddings = torch.cat(parts, dim=1)
+        if self.config.causal_denoiser and not with_eot:
+            lookahead = self.denoiser_lookahead(latents.to(self.dtype))  # (R, L, H) -> positions 1..L of L + 2
+            embeddings = embeddings + nn.functional.pad(lookahead, (0, 0, 1, 1))
+        return embeddings
 
     # ------------------------------------------------------------------ VAE
 
@@ -774,6 +801,15 @@ class LaDiRModel(PreTrainedModel):
         """Slot ``j`` holds the sentence's ``j``-th token (its first ``L`` tokens); the slots after it hold the empty
         slot vector. ``mu_j = token_projection(e_j) + mean_head(h_j)``, ``h`` the encoder's hidden states over the
         ``L`` slots (causal, every slot real)."""
+        inputs_embeds = self.token_aligned_slot_embeddings(sentence_ids, sentence_mask)
+        with self.using_adapter(ENCODER_ADAPTER):
+            hidden = self.language_model.get_decoder()(inputs_embeds=inputs_embeds).last_hidden_state
+        mu = self.token_projection(inputs_embeds) + self.latent_mean_head(hidden)
+        return mu.float(), self.latent_logvar_head(hidden).float().clamp(-30, 20)
+
+    def token_aligned_slot_embeddings(self, sentence_ids: torch.Tensor, sentence_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, L, H)``: what the token-aligned encoder reads at each slot of left-padded sentences ``(B, S)``: the
+        embedding of the sentence's ``j``-th token, or the empty slot vector after its last token."""
         num_slots = self.config.latent_tokens_per_block
         lengths = sentence_mask.sum(-1)
         # left-padded -> the first L real tokens from slot 0: real token k of row b sits at column (S - len_b) + k
@@ -782,11 +818,7 @@ class LaDiRModel(PreTrainedModel):
         filled = slots < lengths[:, None]  # (B, L); a sentence longer than L fills every slot
         token_embeddings = self._token_embeddings(sentence_ids.gather(1, columns))
         empty = self.empty_slot_embedding.to(token_embeddings.dtype).expand_as(token_embeddings)
-        inputs_embeds = torch.where(filled[..., None], token_embeddings, empty)
-        with self.using_adapter(ENCODER_ADAPTER):
-            hidden = self.language_model.get_decoder()(inputs_embeds=inputs_embeds).last_hidden_state
-        mu = self.token_projection(inputs_embeds) + self.latent_mean_head(hidden)
-        return mu.float(), self.latent_logvar_head(hidden).float().clamp(-30, 20)
+        return torch.where(filled[..., None], token_embeddings, empty)
 
     def _vae_decoder_inputs(self, latents: torch.Tensor) -> torch.Tensor:
         """``vae_latent_in(z), <ae>``: the prefix the VAE decoder reconstructs a sentence from."""
@@ -954,9 +986,12 @@ class LaDiRModel(PreTrainedModel):
         allowed = (k_kind == 0) & reads_prompt[:, :, None] & ((q_kind != 0) | causal)
         # clean blocks before the query's block are context for blocks, noisy copies and the answer
         allowed |= (k_kind == 1) & (k_block < q_block)
-        # inside a block: bidirectional among <bot>, t, z; the <eot> (last of its block) sees the block and itself
+        # inside a block: bidirectional among <bot>, t, z; the <eot> (last of its block) sees the block and itself; a
+        # causal denoiser's noisy copies are causal inside
         is_eot = (kind == 1) & (((position_ids - prompt_lengths) % width) == layout.eot)
         in_block = same_segment & ((q_kind == 1) | (q_kind == 2))
+        if self.config.causal_denoiser:
+            in_block &= (q_kind == 1) | causal
         allowed |= in_block & (~is_eot[:, None, :] | (is_eot[:, :, None] & causal))
         # the answer is causal among itself
         allowed |= (q_kind == 3) & (k_kind == 3) & causal
@@ -1293,8 +1328,12 @@ class LaDiRModel(PreTrainedModel):
         time_embedding = self.timestep_embedding(t)  # the input token and the adaLN head
         inputs_embeds = self._block_embeddings(latents, time_embedding, with_eot=False)
         keys = context.key_is_real if see_prompt else context.key_is_real & ~context.key_is_prompt
-        block = torch.ones(context.rows, layout.noisy_width, dtype=torch.bool, device=keys.device)  # bidirectional
-        allowed = torch.cat([keys, block], 1)[:, None, :].expand(-1, layout.noisy_width, -1)
+        block = torch.ones(layout.noisy_width, layout.noisy_width, dtype=torch.bool, device=keys.device)
+        if self.config.causal_denoiser:
+            block = block.tril()  # else bidirectional
+        allowed = torch.cat(
+            [keys[:, None, :].expand(-1, layout.noisy_width, -1), block.expand(context.rows, -1, -1)], 2
+        )
         positions = layout.position_ids(context.prompt_lengths, context.num_blocks, layout.noisy_width)
         with self._denoiser_adapter_at(None):  # every position fed is the noisy block's
             hidden = self._cached_forward(context, inputs_embeds, allowed, positions)

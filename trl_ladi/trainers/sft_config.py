@@ -44,7 +44,8 @@ class LaDiRSFTConfig(TrainingArguments):
             clean sentence (LaDiR: 0.3).
         scaling_num_sentences (`int`, defaults to `1024`):
             Training sentences encoded after the VAE stage to measure `latent_scaling_factor = 1 / std(mu)`, which is
-            written into the model config so the reasoner works on unit-variance latents.
+            written into the model config so the reasoner works on unit-variance latents (with token-aligned latents,
+            also to fit `reasoner_latent_in`, which reads a latent slot as its token's embedding).
 
         flow_weight (`float`, defaults to `5.0`):
             Weight of the flow-matching loss (LaDiR: 5).
@@ -126,7 +127,8 @@ class LaDiRSFTConfig(TrainingArguments):
     )
     scaling_num_sentences: int = field(
         default=1024,
-        metadata={"help": "Training sentences encoded after the VAE stage to measure latent_scaling_factor."},
+        metadata={"help": "Training sentences encoded after the VAE stage to measure latent_scaling_factor (and, "
+                  "with token-aligned latents, to fit reasoner_latent_in)."},
     )
 
     # Reasoner stage
