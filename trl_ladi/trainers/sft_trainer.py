@@ -300,9 +300,12 @@ class LaDiRSFTTrainer(Trainer):
         # The model is called outside its forward below: gather DeepSpeed ZeRO-3 parameters for that (every process).
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             if self.args.stage == "vae":
-                self.model.config.latent_scaling_factor = self._measure_latent_scaling_factor(model)
-            if self.args.stage == "vae" and self.model.config.token_aligned_latents:
-                reasoner_input_map = self._fit_reasoner_input(model)
+                sample = self._scaling_sample()
+                mu = encode_sentences(model, sample, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size)
+                # latent_scaling_factor = 1 / std(mu), so the reasoner works on unit-variance latents
+                self.model.config.latent_scaling_factor = 1.0 / mu.std().clamp(min=1e-6).item()
+                if self.model.config.token_aligned_latents:
+                    reasoner_input_map = self._fit_reasoner_input(model, sample, mu)
             summary = self._stage_summary(model, time.time() - start)
         if self.args.stage == "vae" and self.model.config.token_aligned_latents:
             self._warm_start_reasoner_input(*reasoner_input_map)
@@ -313,32 +316,24 @@ class LaDiRSFTTrainer(Trainer):
         return output
 
     @torch.no_grad()
-    def _fit_reasoner_input(self, model: LaDiRModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-aligned latents: the affine map ``W x + b`` that reads each scaled latent slot ``x = s * mu_j`` as the
-        embedding the encoder read at that slot (the token's, or the empty slot's), by least squares over the
-        scaling sample's sentences (a small ridge keeps it defined when the slots span fewer than ``D`` directions).
+    def _fit_reasoner_input(self, model: LaDiRModel, sample: list[list[int]], mu: torch.Tensor):
+        """Token-aligned latents: the affine map ``W x + b`` that reads each scaled latent slot ``x = s * mu_j`` of the
+        scaling sample's sentences (``mu`` ``(N, L, D)``, raw) as the embedding the encoder read at that slot (the
+        token's, or the empty slot's), by least squares (a small ridge keeps it defined when the slots span fewer
+        than ``D`` directions). Returns ``W`` ``(H, D)`` and ``b`` ``(H,)``.
 
         The trained ``vae_latent_in`` is not that map: the VAE decoder's adapter learns to read it, so the base LM
         that the reasoner runs would read distorted embeddings (measured on SmolLM2-135M after 97 VAE steps: relative
         error ``|vae_latent_in(mu) - e| / |e|`` 4.7 over 10k slots, 0.01 with this fit; docs/sft.md)."""
-        sample = self._scaling_sample()
-        scale, dim = model.config.latent_scaling_factor, model.config.latent_dim
-        gram = torch.zeros(dim + 1, dim + 1, dtype=torch.float64)
-        cross = torch.zeros(dim + 1, model.config.text_config.hidden_size, dtype=torch.float64)
-        was_training = model.training
-        model.eval()
-        batch_size = self.args.per_device_eval_batch_size
-        for start in range(0, len(sample), batch_size):
-            ids, mask = _pad_token_lists(sample[start : start + batch_size], self.processing_class.pad_token_id, "left")
-            ids, mask = ids.to(model.device), mask.to(model.device)
-            mu, _ = model.encode(ids, mask)
-            inputs = torch.cat([scale * mu.flatten(0, 1), torch.ones(mu.shape[0] * mu.shape[1], 1, device=mu.device)], 1)
-            targets = model.token_aligned_slot_embeddings(ids, mask).flatten(0, 1)
-            gram += (inputs.T.double() @ inputs.double()).cpu()
-            cross += (inputs.T.double() @ targets.double()).cpu()
-        model.train(was_training)
+        ids, mask = _pad_token_lists(sample, self.processing_class.pad_token_id, "left")
+        targets = model.token_aligned_slot_embeddings(ids.to(model.device), mask.to(model.device))
+        latents = (model.config.latent_scaling_factor * mu).flatten(0, 1).double()
+        inputs = torch.cat([latents, torch.ones(len(latents), 1, dtype=latents.dtype)], 1)
+        gram = inputs.T @ inputs
         ridge = 1e-4 * gram.diagonal().mean()
-        solution = torch.linalg.solve(gram + ridge * torch.eye(dim + 1, dtype=gram.dtype), cross)  # (D + 1, H)
+        solution = torch.linalg.solve(
+            gram + ridge * torch.eye(len(gram), dtype=gram.dtype), inputs.T @ targets.flatten(0, 1).cpu().double()
+        )  # (D + 1, H)
         return solution[:-1].T.float(), solution[-1].float()
 
     @torch.no_grad()
@@ -356,13 +351,6 @@ class LaDiRSFTTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         sample = torch.randperm(len(sentence_ids), generator=generator)[: self.args.scaling_num_sentences].tolist()
         return [list(sentence_ids[i]) for i in sample]
-
-    def _measure_latent_scaling_factor(self, model: LaDiRModel) -> float:
-        """`1 / std(mu)` over a seeded sample of the training sentences (the same sample on every process)."""
-        mu = encode_sentences(
-            model, self._scaling_sample(), self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
-        )
-        return 1.0 / mu.std().clamp(min=1e-6).item()
 
     def _stage_summary(self, model: LaDiRModel, seconds: float) -> str:
         """A few lines for the console: how the stage's metrics moved, and what the model now does on examples."""
