@@ -52,8 +52,12 @@ def add_ladir_recipe_arguments(parser):
     group.add_argument("--lora_rank", type=int, default=16)
     group.add_argument("--vae_decoder_lora_rank", type=int, default=0, help="0: the frozen base LM decodes latents.")
     group.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
-    group.add_argument("--velocity_parameterization", choices=["direct", "token_readout"], default="direct",
-                       help="'token_readout' (with --token_aligned_latents): the LM's token head predicts each slot.")
+    group.add_argument("--velocity_parameterization", choices=["direct", "token_readout", "token_posterior"],
+                       default="direct",
+                       help="'token_readout' (with --token_aligned_latents): the LM's token head predicts each slot. "
+                            "'token_posterior': the exact posterior of the LM's slot priors, slot by slot.")
+    group.add_argument("--token_readout_temperature", type=float, default=1.0,
+                       help="Temperature of the slot predictions (token_readout, token_posterior).")
     group.add_argument("--causal_denoiser", action="store_true",
                        help="(with token_readout) A noisy block attends causally; slot j's noisy latent is added where it "
                             "is read out.")
@@ -104,6 +108,7 @@ def train_ladir(args, base, tokenizer, train):
         token_aligned_latents=args.token_aligned_latents,
         velocity_parameterization=args.velocity_parameterization,
         causal_denoiser=args.causal_denoiser,
+        token_readout_temperature=args.token_readout_temperature,
         num_denoise_steps=args.num_denoise_steps,
         timestep_shift=args.timestep_shift,
         initial_noise_scale=args.initial_noise_scale,
@@ -165,7 +170,8 @@ def vae_reconstruction(model, tokenizer, sentences, batch_size=32):
 
 @torch.no_grad()
 def oracle_latent_accuracy(model, tokenizer, test, batch_size=16):
-    """(b): the reasoner reads the encoder's latents of the true reasoning sentences and answers greedily."""
+    """(b): the reasoner reads the encoder's latents of the true reasoning sentences and answers greedily (a token
+    posterior: the sentences' codebook latents, one token per slot, which is what it trains on and samples)."""
     pipeline = LaDiRPipeline(model, tokenizer)
     max_blocks = model.config.max_blocks
     correct, examples = 0, []
@@ -178,8 +184,14 @@ def oracle_latent_accuracy(model, tokenizer, test, batch_size=16):
             is_real = torch.tensor([block < len(s) for s in sentences], device=model.device)
             texts = [s[block] if block < len(s) else s[-1] for s in sentences]
             ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-            mu = encode_sentences(model, ids, tokenizer.pad_token_id, len(ids)).to(model.device)
-            model.append_block(context, model.config.latent_scaling_factor * mu.to(model.dtype), is_real=is_real)
+            if model.config.velocity_parameterization == "token_posterior":
+                slots = model.config.latent_tokens_per_block
+                slot_ids = [s[:slots] + [tokenizer.eos_token_id] * (slots - len(s[:slots])) for s in ids]
+                latents = model.latent_codebook()[torch.tensor(slot_ids, device=model.device)]
+            else:
+                mu = encode_sentences(model, ids, tokenizer.pad_token_id, len(ids)).to(model.device)
+                latents = model.config.latent_scaling_factor * mu.to(model.dtype)
+            model.append_block(context, latents, is_real=is_real)
         completion_ids, _ = pipeline.decode_answers(
             context, max_new_tokens=16, temperature=0.0, eos_token_ids=[tokenizer.eos_token_id],
             pad_token_id=tokenizer.pad_token_id,
@@ -210,15 +222,26 @@ def denoiser_slot_accuracy(model, tokenizer, test, output_dir, noise_levels=(0.3
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(model.device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]).items()}
         latents, block_mask = batch["latents"], batch["block_mask"].bool()
+        if model.config.velocity_parameterization == "token_posterior":
+            latents = codebook[batch["slot_token_ids"]].to(latents.dtype)  # what it trains on and samples
         num_rows, num_blocks = block_mask.shape
+        block_index = torch.arange(num_blocks, device=latents.device)
         for t in noise_levels:
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             noisy = (1 - t) * latents + t * noise
-            velocity = model._packed_forward(
-                batch["prompt_ids"], batch["prompt_mask"], latents, block_mask, noisy_latents=noisy,
-                noisy_timesteps=torch.full((num_rows, num_blocks), t, device=latents.device),
-                noisy_block_index=torch.arange(num_blocks, device=latents.device).expand(num_rows, -1),
-            )["velocity"]
+            times = torch.full((num_rows, num_blocks), t, device=latents.device)
+            if model.config.velocity_parameterization == "token_posterior":
+                # each slot's prior from the true slots before it, then the exact posterior at z_t
+                slot_logits = model._packed_forward(
+                    batch["prompt_ids"], batch["prompt_mask"], latents, block_mask, noisy_latents=latents,
+                    noisy_timesteps=torch.zeros_like(times), noisy_block_index=block_index.expand(num_rows, -1),
+                )["slot_logits"]
+                velocity = model.posterior_velocity(slot_logits, noisy, times, codebook)
+            else:
+                velocity = model._packed_forward(
+                    batch["prompt_ids"], batch["prompt_mask"], latents, block_mask, noisy_latents=noisy,
+                    noisy_timesteps=times, noisy_block_index=block_index.expand(num_rows, -1),
+                )["velocity"]
             read = nearest_token(codebook, (noisy - t * velocity)[block_mask])  # the estimate, (blocks, L)
             target = nearest_token(codebook, latents[block_mask])  # what the true latent reads as
             is_token = batch["slot_token_ids"][block_mask] != tokenizer.eos_token_id

@@ -45,6 +45,18 @@ CODE_DEFAULTS = {
     "num_test_examples": 32,
     "answer_template": "{answer}",  # the body, which the code reward appends to the function's signature
     "max_completion_length": 128,
+    # HumanEval's docstring sentences run far past 16 tokens: LaDiR's query-token latents and learnt velocity
+    "token_aligned_latents": False,
+    "latent_tokens_per_block": 4,
+    "velocity_parameterization": "direct",
+    "vae_decoder_lora_rank": 0,
+    "token_substitution_prob": 0.3,
+    "initial_noise_scale": None,  # the model config's (LaDiR: 2)
+    "latent_policy_parameters": "velocity_head",
+    "learning_rate": 1e-4,
+    "vae_steps": 80,
+    "reasoner_steps": 50,
+    "sft_learning_rate": 5e-4,
 }
 
 

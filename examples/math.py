@@ -83,7 +83,11 @@ class ScriptArguments:
         metadata={"help": "A saved LaDiR model (with its tokenizer) to start LaDi-RL from; skips the VAE and "
                   "reasoner stages."},
     )
-    latent_tokens_per_block: int = field(default=4, metadata={"help": "Latent tokens per reasoning sentence."})
+    latent_tokens_per_block: int = field(
+        default=16,
+        metadata={"help": "Latent tokens per reasoning sentence; with token-aligned latents the longest sentence's "
+                  "token count (16 for chain_sum; longer sentences are cut, with a warning)."},
+    )
     latent_dim: int = field(default=128, metadata={"help": "Size of one latent token (LaDiR: 128)."})
     lora_rank: int = field(default=16, metadata={"help": "Rank of the encoder and reasoner LoRA adapters."})
     max_blocks: int = field(default=4, metadata={"help": "Most latent blocks (sentences) before the answer."})
@@ -93,23 +97,37 @@ class ScriptArguments:
                   "the latents informative from the first step (docs/sft.md measures it); None keeps torch's init."},
     )
     token_aligned_latents: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "One latent token per sentence token (LaDiRConfig.token_aligned_latents); set "
-                  "--latent_tokens_per_block to the longest sentence's token count (16 for chain_sum)."},
+                  "--latent_tokens_per_block to the longest sentence's token count (16 for chain_sum). False: LaDiR's "
+                  "query-token latents (then --velocity_parameterization direct)."},
+    )
+    velocity_parameterization: str = field(
+        default="token_posterior",
+        metadata={"help": "How the denoiser's velocity is read (LaDiRConfig.velocity_parameterization): "
+                  "'token_posterior' (token-aligned latents; the exact posterior of the LM's slot priors, RL trains "
+                  "them through --latent_policy_parameters denoiser_adapter or reasoner), 'token_readout' or "
+                  "'direct' (LaDiR's learnt velocity).",
+                  "choices": ["direct", "token_readout", "token_posterior"]},
+    )
+    token_readout_temperature: float = field(
+        default=0.7,
+        metadata={"help": "Temperature of the slot predictions (LaDiRConfig.token_readout_temperature): for a token "
+                  "posterior, the temperature its latents sample tokens at (as --temperature for the answers)."},
     )
     vae_decoder_lora_rank: int = field(
-        default=0,
+        default=16,
         metadata={"help": "Rank of the VAE decoder's own LoRA adapter, trained in the VAE stage (0: frozen decoder)."},
     )
     token_substitution_prob: float = field(
-        default=0.3,
+        default=0.0,
         metadata={"help": "VAE-stage share of encoder tokens replaced by random ones (LaDiR: 0.3; 0 with "
                   "token-aligned latents, whose decoder cannot know the replaced token)."},
     )
-    vae_steps: int = field(default=80, metadata={"help": "Optimizer steps of the LaDiR VAE stage."})
-    reasoner_steps: int = field(default=50, metadata={"help": "Optimizer steps of the LaDiR reasoner stage."})
+    vae_steps: int = field(default=30, metadata={"help": "Optimizer steps of the LaDiR VAE stage."})
+    reasoner_steps: int = field(default=80, metadata={"help": "Optimizer steps of the LaDiR reasoner stage."})
     sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of the two LaDiR stages."})
-    sft_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the two LaDiR stages."})
+    sft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the two LaDiR stages."})
     answer_template: str = field(
         default="#### {answer}",
         metadata={"help": "The answer text the reasoner learns to write after its latent blocks."},
@@ -133,10 +151,15 @@ RL_DEFAULTS = {
     "max_completion_length": 16,  # "#### N" and the end of turn
     "temperature": 0.7,
     "num_denoise_steps": 6,
+    # the LaDiR model is built with it too: a token posterior is exact for its own noise, and the SDE keeps the ODE's
+    # marginals at 1 (LaDiR: 2)
+    "initial_noise_scale": 1.0,
     "train_timestep_fraction": 0.5,
-    # The velocity head only (latent_policy_parameters="velocity_head"). On SmolLM2-135M, 1e-2 made every answer
-    # empty after one step (Adam moves each of the head's weights by about the learning rate per step).
-    "learning_rate": 1e-4,
+    # A token posterior's prior moves through the denoiser adapter (a LoRA that acts where the priors are read, so the
+    # answer decoder stays as it was). For LaDiR's velocity head (--latent_policy_parameters velocity_head), 1e-2 made
+    # every answer empty after one step on SmolLM2-135M; 1e-4 kept them well-formed (docs/quickstart.md).
+    "latent_policy_parameters": "denoiser_adapter",
+    "learning_rate": 5e-4,
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
@@ -190,6 +213,9 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         initial_latent_logvar=script_args.initial_latent_logvar,
         token_aligned_latents=script_args.token_aligned_latents,
         vae_decoder_lora_rank=script_args.vae_decoder_lora_rank,
+        velocity_parameterization=script_args.velocity_parameterization,
+        token_readout_temperature=script_args.token_readout_temperature,
+        **({"initial_noise_scale": training_args.initial_noise_scale} if training_args.initial_noise_scale else {}),
         **({"num_denoise_steps": training_args.num_denoise_steps} if training_args.num_denoise_steps else {}),
     )
     ladir_dir = os.path.join(training_args.output_dir, "ladir")

@@ -15,7 +15,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel, LaDiRPipeline
 from trl_ladi.modeling import tokenize_prompts
-from trl_ladi.testing import make_tokenizer, tiny_causal_lm, tiny_ladir_model
+from trl_ladi.testing import make_tokenizer, spread_latent_codebook, tiny_causal_lm, tiny_ladir_model
 
 from accelerate_launch import accelerate_launch_command  # tests/accelerate_launch.py
 
@@ -164,12 +164,23 @@ def test_text_policy_advantages_compare_answers_of_the_same_latent(tmp_path, sca
 # ------------------------------------------------------------------ the update
 
 
+TOKEN_POSTERIOR = dict(token_aligned_latents=True, velocity_parameterization="token_posterior")
+
+
 @pytest.mark.statistical
-@pytest.mark.parametrize("latent_policy_parameters", ["velocity_head", "denoiser_adapter", "reasoner"])
+@pytest.mark.parametrize(
+    "latent_policy_parameters, model_options, sgd_learning_rate",
+    [("velocity_head", {}, 1e-3), ("denoiser_adapter", {}, 1e-3), ("reasoner", {}, 1e-3),
+     # a token posterior's gradient reaches the adapter through the LM's slot priors only: ~100x smaller here
+     ("denoiser_adapter", TOKEN_POSTERIOR, 1e-1)],
+    ids=["velocity_head", "denoiser_adapter", "reasoner", "token_posterior-denoiser_adapter"],
+)
 def test_one_update_moves_each_trajectory_log_prob_with_the_sign_of_its_advantage(
-    tmp_path, latent_policy_parameters, statistical_seed, margin
+    tmp_path, latent_policy_parameters, model_options, sgd_learning_rate, statistical_seed, margin
 ):
-    model, tokenizer = make_model(seed=statistical_seed)
+    model, tokenizer = make_model(seed=statistical_seed, **model_options)
+    if model_options:
+        spread_latent_codebook(model)  # else the tiny codebook's rows are too close for the priors to matter
     args = make_args(tmp_path, num_generations=8, per_device_train_batch_size=8,
                      latent_policy_parameters=latent_policy_parameters, seed=statistical_seed)
     trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
@@ -186,7 +197,7 @@ def test_one_update_moves_each_trajectory_log_prob_with_the_sign_of_its_advantag
         model.load_state_dict(initial_state)
         model.zero_grad(set_to_none=True)
         before = model.denoising_log_probs(**denoising_inputs)["log_probs"].detach()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=sgd_learning_rate)
         loss = trainer._compute_loss(trainer.model, dict(batch, advantages=advantages))
         loss.backward()
         optimizer.step()
@@ -197,6 +208,7 @@ def test_one_update_moves_each_trajectory_log_prob_with_the_sign_of_its_advantag
     # margins are in units of the mean |change| of all 8 trajectories)
     # smallest margins over seeds 0-4 x 1-2 threads (AMD EPYC):
     #   trajectory 0: 0.097 (4.3 x the mean |change|), trajectory 5: 0.065 (3.7 x), the sum: 0.65
+    #   token posterior (lr 1e-1): trajectory 0: 4.3e-4 (1.5 x), trajectory 5: 1.1e-4 (1.6 x), the sum: 0.0026
     for trajectory in (0, 5):
         for sign in (1.0, -1.0):
             advantages = torch.zeros(8)
@@ -208,6 +220,13 @@ def test_one_update_moves_each_trajectory_log_prob_with_the_sign_of_its_advantag
     change = log_prob_change_after_one_step(batch["advantages"])
     margin.check("sum of advantage x log-prob change", (batch["advantages"] * change).sum(), 0, ">",
                  scale=(batch["advantages"] * change).abs().sum(), context=change)
+
+
+def test_a_token_posterior_model_has_no_velocity_head_policy(tmp_path):
+    model, tokenizer = make_model(**TOKEN_POSTERIOR)
+    with pytest.raises(ValueError, match="no velocity head to train.*'denoiser_adapter'"):
+        LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=make_args(tmp_path),
+                      train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
 
 
 def test_velocity_head_policy_leaves_the_answer_decoder_untouched(tmp_path):

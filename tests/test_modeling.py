@@ -6,7 +6,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from trl_ladi import LaDiRPipeline, sampling
 from trl_ladi.modeling import ENCODER_ADAPTER, REASONER_ADAPTER, LaDiRConfig, LaDiRModel, tokenize_prompts
-from trl_ladi.testing import FAMILIES, make_tokenizer, tiny_causal_lm, tiny_config, tiny_ladir_model
+from trl_ladi.testing import (
+    FAMILIES,
+    make_tokenizer,
+    spread_latent_codebook,
+    tiny_causal_lm,
+    tiny_config,
+    tiny_ladir_model,
+)
 
 L, D, K, MAX_BLOCKS = 3, 8, 4, 3
 PROMPTS = ["what is 3 plus 4 ?", "the cat sat on the mat so"]
@@ -64,7 +71,13 @@ def recompute(model, prompt_ids, prompt_mask, trace, num_latents, sde_noise_leve
 
 
 TOKEN_READOUT = dict(token_aligned_latents=True, velocity_parameterization="token_readout")
-VELOCITY_OPTIONS = {"direct": {}, "token_readout": TOKEN_READOUT, "causal_denoiser": dict(TOKEN_READOUT, causal_denoiser=True)}
+TOKEN_POSTERIOR = dict(token_aligned_latents=True, velocity_parameterization="token_posterior")
+VELOCITY_OPTIONS = {
+    "direct": {},
+    "token_readout": TOKEN_READOUT,
+    "causal_denoiser": dict(TOKEN_READOUT, causal_denoiser=True),
+    "token_posterior": TOKEN_POSTERIOR,
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -73,6 +86,8 @@ VELOCITY_OPTIONS = {"direct": {}, "token_readout": TOKEN_READOUT, "causal_denois
 def test_recomputed_log_probs_equal_stored_float64(tokenizer, family, cfg_scale, diversity, velocity):
     model = build(tokenizer, family, **VELOCITY_OPTIONS[velocity]).double()
     prompt_ids, prompt_mask = prompts(tokenizer)
+    if velocity == "token_posterior" and cfg_scale != 1.0:
+        cfg_scale = 1.0  # it has no unconditional prior (test_token_posterior_refuses_guidance); diversity still applies
     trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, diversity_guidance_scale=diversity).trace
     assert trace.step_log_probs.shape == (6, trace.step_latents.shape[1], K)
     assert torch.isfinite(trace.step_log_probs).all()
@@ -264,6 +279,82 @@ def test_a_causal_denoiser_reads_slot_j_from_the_slots_up_to_j_only(tokenizer):
 def test_causal_denoiser_needs_the_token_readout_velocity(tokenizer):
     with pytest.raises(ValueError, match="causal_denoiser=True .* velocity_parameterization='token_readout'"):
         build(tokenizer, causal_denoiser=True)
+
+
+@torch.no_grad()
+def test_a_token_posterior_reads_each_slot_prior_from_the_slots_before_it(tokenizer):
+    """`"token_posterior"`: slot j's prior depends on slots < j only, and reads the same in the three places that use
+    it: off the clean blocks (the reasoner stage), off a noisy copy at time 0 (the RL loss) and from the cache (the
+    sampler)."""
+    model = build(tokenizer, seed=13, **TOKEN_POSTERIOR).double()
+    inputs = _packed_inputs(tokenizer)
+    inputs["latents"] = inputs["latents"].double()
+    batch = inputs["prompt_ids"].shape[0]
+    copies = dict(inputs, noisy_latents=inputs["latents"], noisy_timesteps=torch.zeros(batch, MAX_BLOCKS))
+    reference = model._packed_forward(**copies, clean_slot_logits=True)
+    torch.testing.assert_close(reference["clean_slot_logits"], reference["slot_logits"], rtol=0, atol=1e-10)
+    for token in range(L):
+        changed = dict(copies, latents=inputs["latents"].clone())
+        changed["latents"][:, 1, token] += 1.0
+        changed["noisy_latents"] = changed["latents"]
+        out = model._packed_forward(**changed, clean_slot_logits=True)
+        for slot in range(L):
+            moved = _changed(out["clean_slot_logits"][:, 1, slot], reference["clean_slot_logits"][:, 1, slot], atol=1e-9)
+            assert moved == (token < slot), (token, slot)
+        assert not _changed(out["clean_slot_logits"][:, 0], reference["clean_slot_logits"][:, 0], atol=1e-12)
+
+    context = model.prefill(inputs["prompt_ids"], inputs["prompt_mask"])
+    for block in range(MAX_BLOCKS):
+        slots = inputs["latents"][:, block]
+        cached = [model.next_slot_prior(context)] + [model.next_slot_prior(context, slots[:, j]) for j in range(L - 1)]
+        torch.testing.assert_close(torch.stack(cached, 1), reference["clean_slot_logits"][:, block], rtol=0, atol=1e-9)
+        with pytest.raises(RuntimeError, match="have their prior already"):
+            model.next_slot_prior(context, slots[:, L - 1])
+        stop = model.append_block(context, slots, is_real=torch.ones(batch, dtype=torch.bool))
+        torch.testing.assert_close(stop, reference["stop_logits"][:, block], rtol=0, atol=1e-9)  # the copy is gone
+    with pytest.raises(ValueError, match="next_slot_prior"):
+        model.denoising_velocity(context, inputs["latents"][:, 0], torch.full((batch,), 0.5))
+
+
+@torch.no_grad()
+def test_token_posterior_samples_land_on_codebook_rows(tokenizer):
+    """Each slot's ODE ends at the posterior mean of a nearly clean latent: one codebook row (a token)."""
+    model = build(tokenizer, seed=2, num_denoise_steps=8, initial_noise_scale=1.0, **TOKEN_POSTERIOR).double()
+    spread_latent_codebook(model)  # rows several noise stds apart at the last step's t, as a trained model's are
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    # the SDE's last step adds its own noise; no eos, so every answer has max_new_tokens = 4 tokens
+    samples = sample(model, prompt_ids, prompt_mask, sde_noise_level=0.0, eos_token_ids=None)
+    # one position per slot (the last slot's prior is read where slot L - 1 is fed), then the finished block
+    written = int(samples.trace.block_mask.sum())
+    rows, decodes = 2 * 3, 2
+    expected = rows * prompt_ids.shape[1] + written * ((L + 1) + (L + 3)) + rows * decodes * 4
+    assert samples.trace.num_lm_tokens == expected, (samples.trace.num_lm_tokens, expected)
+    codebook = model.latent_codebook()
+    real_slots = samples.trace.latents[samples.trace.block_mask].flatten(0, 1)  # (slots, D)
+    distances = torch.cdist(real_slots, codebook)
+    nearest = distances.min(-1).values
+    spacing = torch.cdist(codebook, codebook).topk(2, largest=False).values[:, 1].median()
+    assert nearest.max() < 0.05 * spacing, (nearest.max(), spacing)
+    assert len(set(distances.argmin(-1).tolist())) > 1  # not one token everywhere
+
+
+def test_token_posterior_refuses_what_it_has_no_use_for(tokenizer):
+    with pytest.raises(ValueError, match="token_posterior.*needs token_aligned_latents=True"):
+        build(tokenizer, velocity_parameterization="token_posterior")
+    with pytest.raises(ValueError, match="token_posterior.*attends causally already"):
+        build(tokenizer, causal_denoiser=True, **TOKEN_POSTERIOR)
+    model = build(tokenizer, **TOKEN_POSTERIOR)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    with pytest.raises(ValueError, match="no unconditional prior.*cfg_scale=1.0"):
+        sample(model, prompt_ids, prompt_mask, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="exact posterior for the noise of its config"):
+        sample(model, prompt_ids, prompt_mask, initial_noise_scale=0.5)
+    assert model.velocity_head_parameters() == []  # nothing of the head is used, so nothing of it is trained
+    inputs = _packed_inputs(tokenizer)
+    slots = torch.zeros(2, MAX_BLOCKS, L, dtype=torch.long)
+    with pytest.raises(ValueError, match="no rollout stage"):
+        model.reasoner_loss(inputs["prompt_ids"], inputs["prompt_mask"], inputs["latents"], inputs["block_mask"],
+                            inputs["answer_ids"], inputs["answer_mask"], rollout_denoise_steps=2, slot_token_ids=slots)
 
 
 @torch.no_grad()

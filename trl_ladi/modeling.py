@@ -59,7 +59,7 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 ENCODER_ADAPTER, REASONER_ADAPTER, DENOISER_ADAPTER, VAE_DECODER_ADAPTER = "encoder", "reasoner", "denoiser", "vae_decoder"
 CONTINUE, ANSWER = 0, 1  # stop-head classes
 REASONER_MARKERS = {"bot": 0, "eot": 1, "soa": 2}  # rows of `marker_embeddings`
-VELOCITY_PARAMETERIZATIONS = ("direct", "token_readout")
+VELOCITY_PARAMETERIZATIONS = ("direct", "token_readout", "token_posterior")
 
 
 class LaDiRConfig(PretrainedConfig):
@@ -111,6 +111,15 @@ class LaDiRConfig(PretrainedConfig):
             The reasoner stage then trains the estimate (x0 loss) and each slot's token (cross-entropy) instead of
             the velocity, so the denoiser starts from the pretrained LM's next-token knowledge (cf. CDCD, Dieleman
             et al. 2022).
+            `"token_posterior"` (needs `token_aligned_latents`): the exact denoiser of a codebook prior, nothing to
+            learn but the LM. Each slot's clean latent is one token's codebook latent; the LM's token head reads slot
+            ``j``'s prior ``p(v | slots < j)`` from the clean slots before it (a noisy block attends causally, at time
+            0), and Bayes' rule with the Gaussian noise gives the posterior mean
+            (`sampling.codebook_posterior_mean`, noise std `initial_noise_scale`). The sampler denoises a block's slots
+            one after another, each in `num_denoise_steps` steps; the reasoner stage is the slot tokens'
+            cross-entropy from clean prefixes (teacher forcing, as text SFT), plus the answer and stop losses; RL
+            trains the LM through the prior (`LaDiRLConfig.latent_policy_parameters="denoiser_adapter"` or
+            `"reasoner"`). Measured on SmolLM2-135M: sampled latents answer as often as text SFT (docs/sft.md).
         token_readout_temperature (`float`, defaults to 1.0): temperature of the slot predictions in the token-readout
             estimate, ``softmax(logits / temperature)``, in sampling and in every loss alike. 1.0 is the posterior
             mean that the flow's ODE assumes; below 1 sharpens the estimate towards the most likely token, as
@@ -224,10 +233,16 @@ class LaDiRConfig(PretrainedConfig):
                 "velocity_parameterization='token_readout' reads each latent slot as a token, which needs "
                 "token_aligned_latents=True; set it, or use velocity_parameterization='direct'."
             )
+        if self.velocity_parameterization == "token_posterior" and not self.token_aligned_latents:
+            raise ValueError(
+                "velocity_parameterization='token_posterior' puts one token's codebook latent in each slot, which needs "
+                "token_aligned_latents=True; set it, or use velocity_parameterization='direct'."
+            )
         if self.causal_denoiser and self.velocity_parameterization != "token_readout":
             raise ValueError(
                 "causal_denoiser=True reads each slot one position earlier, which is the token-readout velocity: set "
-                "velocity_parameterization='token_readout' (and token_aligned_latents=True), or causal_denoiser=False."
+                "velocity_parameterization='token_readout' (and token_aligned_latents=True), or causal_denoiser=False "
+                "(a 'token_posterior' denoiser attends causally already)."
             )
 
 
@@ -331,6 +346,7 @@ class ReasonerContext:
     num_answer_tokens: int = 0  # answer positions fed (``<soa>`` included)
     latent_codebook: torch.Tensor | None = None  # the token-readout velocity's codebook, computed once per pass
     num_lm_tokens: int = 0  # positions fed to the LM so far, over all rows (shows the cache at work)
+    num_open_slot_positions: int = 0  # token posterior: positions of the block being written, cut off when it ends
 
     @property
     def rows(self) -> int:
@@ -699,7 +715,10 @@ class LaDiRModel(PreTrainedModel):
         return shared
 
     def velocity_head_parameters(self) -> list[nn.Parameter]:
-        """The denoiser's own output head; nothing the answer decoder reads depends on it."""
+        """The denoiser's own output head; nothing the answer decoder reads depends on it. A token-posterior denoiser
+        has none (its velocity is the exact posterior's): the list is empty."""
+        if self.config.velocity_parameterization == "token_posterior":
+            return []
         return list(self.velocity_head.parameters())
 
     def denoiser_parameters(self) -> list[nn.Parameter]:
@@ -727,6 +746,17 @@ class LaDiRModel(PreTrainedModel):
     @property
     def block_layout(self) -> BlockLayout:
         return BlockLayout(self.config.latent_tokens_per_block)
+
+    @property
+    def causal_noisy_blocks(self) -> bool:
+        """Whether a block being denoised attends causally inside (`causal_denoiser`, `"token_posterior"`)."""
+        return self.config.causal_denoiser or self.causal_clean_blocks
+
+    @property
+    def causal_clean_blocks(self) -> bool:
+        """Whether a finished block attends causally inside (`"token_posterior"`): its positions then read as the
+        noisy copy at time 0 of the same block does, so the slot priors can be read from the finished blocks."""
+        return self.config.velocity_parameterization == "token_posterior"
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -879,6 +909,15 @@ class LaDiRModel(PreTrainedModel):
             )
         return tokenizer.batch_decode(token_ids, skip_special_tokens=True)
 
+    @torch.no_grad()
+    def read_latent_tokens(self, latents: torch.Tensor, tokenizer) -> list[str]:
+        """Show token-aligned latent blocks ``(B, L, D)`` (reasoner space) as the text of each slot's nearest codebook
+        token (`latent_codebook`; empty slots dropped): what a token posterior's blocks hold, with no decoder."""
+        codebook = self.latent_codebook().to(latents.dtype)
+        nearest = torch.cdist(latents.flatten(0, -2), codebook).argmin(-1).view(latents.shape[:-1])
+        eos = self._eos_token_id()
+        return [tokenizer.decode([token for token in row.tolist() if token != eos]) for row in nearest]
+
     # ------------------------------------------------------------------ the packed reasoner forward (training)
 
     def _packed_forward(
@@ -894,6 +933,7 @@ class LaDiRModel(PreTrainedModel):
         answer_mask: torch.Tensor | None = None,
         drop_prompt: torch.Tensor | None = None,
         detach_velocity_features: bool = False,
+        clean_slot_logits: bool = False,
     ) -> dict:
         """One reasoner forward over whole traces: prompt, clean blocks, noisy block copies, answer.
 
@@ -905,7 +945,8 @@ class LaDiRModel(PreTrainedModel):
 
         Returns ``velocity`` ``(B, Q, L, D)``, ``stop_logits`` ``(B, Bm, 2)`` and ``answer_logits`` ``(B, A, V)``
         (the logits that predict ``answer_ids``); with the token-readout velocity also ``clean_latents``
-        ``(B, Q, L, D)`` and ``slot_logits`` ``(B, Q, L, V)`` (see :meth:`_velocity`).
+        ``(B, Q, L, D)`` and ``slot_logits`` ``(B, Q, L, V)`` (see :meth:`_velocity`). ``clean_slot_logits=True``
+        (token posterior) adds ``clean_slot_logits`` ``(B, Bm, L, V)``: the slot priors read from the clean blocks.
         """
         device = prompt_ids.device
         layout = self.block_layout
@@ -987,10 +1028,12 @@ class LaDiRModel(PreTrainedModel):
         # clean blocks before the query's block are context for blocks, noisy copies and the answer
         allowed |= (k_kind == 1) & (k_block < q_block)
         # inside a block: bidirectional among <bot>, t, z; the <eot> (last of its block) sees the block and itself; a
-        # causal denoiser's noisy copies are causal inside
+        # causal denoiser's noisy copies are causal inside, and a token posterior's blocks all are
         is_eot = (kind == 1) & (((position_ids - prompt_lengths) % width) == layout.eot)
         in_block = same_segment & ((q_kind == 1) | (q_kind == 2))
-        if self.config.causal_denoiser:
+        if self.causal_clean_blocks:
+            in_block &= causal
+        elif self.causal_noisy_blocks:
             in_block &= (q_kind == 1) | causal
         allowed |= in_block & (~is_eot[:, None, :] | (is_eot[:, :, None] & causal))
         # the answer is causal among itself
@@ -1006,6 +1049,11 @@ class LaDiRModel(PreTrainedModel):
         clean_start = prompt_length
         eot_hidden = hidden[:, clean_start + layout.eot : clean_start + num_blocks * width : width]
         outputs["stop_logits"] = _float32_or_wider(self.stop_head(eot_hidden))
+        if clean_slot_logits:
+            if not self.causal_clean_blocks:
+                raise ValueError("clean_slot_logits needs causal clean blocks (velocity_parameterization='token_posterior').")
+            clean_hidden = hidden[:, clean_start : clean_start + num_blocks * width].view(batch, num_blocks, width, -1)
+            outputs["clean_slot_logits"] = _float32_or_wider(self._lm_logits(clean_hidden[..., layout.readout_tokens, :]))
         if num_noisy:
             start = clean_start + num_blocks * width
             noisy_hidden = hidden[:, start : start + num_noisy * noisy_width].view(batch, num_noisy, noisy_width, -1)
@@ -1042,6 +1090,9 @@ class LaDiRModel(PreTrainedModel):
         if detach_features:
             features, time_embedding = features.detach(), time_embedding.detach()
         slot_logits = _float32_or_wider(self._lm_logits(features))
+        if self.config.velocity_parameterization == "token_posterior":
+            # the slots' priors; the velocity needs the noisy latents of the steps (`posterior_velocity`)
+            return {"slot_logits": slot_logits}
         # z_0 estimate: the expected latent of the predicted token, sum_v p(v) c_v, plus the adaLN head's correction
         # (zero at first; it can learn what the encoder adds from context, and is the policy RL trains by default)
         codebook = (self.latent_codebook() if codebook is None else codebook).to(slot_logits.dtype)
@@ -1051,6 +1102,22 @@ class LaDiRModel(PreTrainedModel):
         # z_t = (1 - t) z_0 + t eps and v = eps - z_0 give v = (z_t - z_0) / t; the sampler never evaluates t = 0
         velocity = (noisy_latents.to(clean_latents.dtype) - clean_latents) / t.to(clean_latents.dtype)[..., None, None]
         return {"velocity": velocity, "clean_latents": clean_latents, "slot_logits": slot_logits}
+
+    def posterior_velocity(self, slot_logits, noisy_latents, t, codebook=None) -> torch.Tensor:
+        """The token-posterior velocity ``(..., L, D)`` at noisy latents ``z_t`` ``(..., L, D)``, times ``t`` ``(...)``,
+        from the slots' prior logits ``(..., L, V)`` (read from the clean slots before each slot).
+
+        ``v = (z_t - E[z_0 | z_t]) / t`` with the exact posterior mean of a codebook prior
+        (`sampling.codebook_posterior_mean`; noise std `initial_noise_scale`, the sampler's).
+        """
+        codebook = self.latent_codebook() if codebook is None else codebook
+        dtype = torch.promote_types(slot_logits.dtype, noisy_latents.dtype)
+        t = t.to(dtype)[..., None]  # one time per block, for each of its slots
+        prior_logits = slot_logits.to(dtype) / self.config.token_readout_temperature
+        clean_estimate = sampling.codebook_posterior_mean(
+            prior_logits, noisy_latents.to(dtype), t, codebook, self.config.initial_noise_scale
+        )
+        return (noisy_latents.to(dtype) - clean_estimate) / t[..., None]
 
     @torch.no_grad()
     def latent_codebook(self) -> torch.Tensor:
@@ -1106,13 +1173,66 @@ class LaDiRModel(PreTrainedModel):
         clean-latent estimate, ``|z_0_estimate - z_0|^2`` (the velocity error times ``t^2``, which stays finite as
         ``t -> 0``), and ``slot_token_ids`` ``(B, Bm, L)`` (each slot's token, eos for an empty slot) add a
         cross-entropy on the slot predictions, weighted by ``slot_token_weight``; other models ignore them.
+
+        A token-posterior denoiser has nothing to learn but the slot priors, read off the (causal) clean blocks: slot
+        ``j`` is predicted from the true slots before it, as text SFT predicts the next token. Its blocks are the slot
+        tokens' codebook latents, which is what its sampler writes (``latents`` is not read). No noise, no flow loss
+        (and no ``flow_loss`` in the metrics); ``prompt_dropout`` does not apply (no guidance for it).
         """
-        token_readout = self.config.velocity_parameterization == "token_readout"
+        parameterization = self.config.velocity_parameterization
+        token_readout = parameterization in ("token_readout", "token_posterior")
         if token_readout and slot_token_ids is None:
             raise ValueError(
-                "A model with velocity_parameterization='token_readout' trains on each slot's token: pass "
+                f"A model with velocity_parameterization='{parameterization}' trains on each slot's token: pass "
                 "`slot_token_ids` (B, blocks, L) (LaDiRSFTTrainer builds them from the reasoning sentences)."
             )
+        if parameterization == "token_posterior" and rollout_denoise_steps > 0:
+            raise ValueError(
+                "A 'token_posterior' denoiser is exact given its slot priors, which the reasoner stage trains from "
+                "clean prefixes: there is no rollout stage for it. Use stage='reasoner'."
+            )
+        batch, num_blocks = block_mask.shape
+        device = latents.device
+        real_blocks = block_mask.float()
+        if parameterization == "token_posterior":
+            # the sampler's blocks are codebook rows, one token per slot: the reasoner reads those (not the encoder's
+            # latents, which also carry context), and slot j's prior comes off the causal clean blocks
+            latents = self.latent_codebook()[slot_token_ids].to(latents.dtype)
+            outputs = self._packed_forward(
+                prompt_ids, prompt_mask, latents, block_mask, answer_ids=answer_ids, answer_mask=answer_mask,
+                clean_slot_logits=True,
+            )
+            outputs["slot_logits"] = outputs.pop("clean_slot_logits")
+            loss, metrics = 0.0, {}
+        else:
+            outputs, flow_loss = self._flow_matching_outputs(
+                prompt_ids, prompt_mask, latents, block_mask, answer_ids, answer_mask, prompt_dropout,
+                rollout_denoise_steps, timestep_shift,
+            )
+            loss, metrics = flow_weight * flow_loss, {"flow_loss": flow_loss.detach()}
+        # stop target: "answer" at the last real block, "continue" before it
+        num_real = block_mask.sum(-1, keepdim=True)
+        stop_target = (torch.arange(num_blocks, device=device)[None] == num_real - 1).long()
+        stop_loss = F.cross_entropy(outputs["stop_logits"].transpose(1, 2), stop_target, reduction="none")
+        stop_loss = (stop_loss * real_blocks).sum() / real_blocks.sum().clamp(min=1)
+        answer_token_loss = F.cross_entropy(outputs["answer_logits"].transpose(1, 2), answer_ids, reduction="none")
+        answer_weights = answer_mask.float()
+        answer_loss = (answer_token_loss * answer_weights).sum() / answer_weights.sum().clamp(min=1)
+        loss = loss + answer_weight * answer_loss + stop_weight * stop_loss
+        metrics.update(answer_loss=answer_loss.detach(), stop_loss=stop_loss.detach())
+        if token_readout:
+            slot_loss = F.cross_entropy(outputs["slot_logits"].flatten(0, 2), slot_token_ids.flatten(), reduction="none")
+            slot_loss = slot_loss.view(batch, num_blocks, -1).mean(-1)
+            slot_token_loss = (slot_loss * real_blocks).sum() / real_blocks.sum().clamp(min=1)
+            loss = loss + slot_token_weight * slot_token_loss
+            metrics["slot_token_loss"] = slot_token_loss.detach()
+        return {"loss": loss, **metrics}
+
+    def _flow_matching_outputs(
+        self, prompt_ids, prompt_mask, latents, block_mask, answer_ids, answer_mask, prompt_dropout,
+        rollout_denoise_steps, timestep_shift,
+    ) -> tuple[dict, torch.Tensor]:
+        """The reasoner loss's forward for a learnt velocity: one noisy copy per real block, and its flow loss."""
         batch, num_blocks = block_mask.shape
         device = latents.device
         t = torch.rand(batch, num_blocks, device=device)
@@ -1143,28 +1263,11 @@ class LaDiRModel(PreTrainedModel):
                 prompt_ids, prompt_mask, generated, block_mask, answer_ids=answer_ids, answer_mask=answer_mask
             )["answer_logits"]
         real_blocks = block_mask.float()
-        if token_readout:
+        if self.config.velocity_parameterization == "token_readout":
             flow_error = (outputs["clean_latents"] - latents).pow(2).mean(dim=(-1, -2))
         else:
             flow_error = (outputs["velocity"] - velocity_target.view_as(latents)).pow(2).mean(dim=(-1, -2))
-        flow_loss = (flow_error * real_blocks).sum() / real_blocks.sum().clamp(min=1)
-        # stop target: "answer" at the last real block, "continue" before it
-        num_real = block_mask.sum(-1, keepdim=True)
-        stop_target = (torch.arange(num_blocks, device=device)[None] == num_real - 1).long()
-        stop_loss = F.cross_entropy(outputs["stop_logits"].transpose(1, 2), stop_target, reduction="none")
-        stop_loss = (stop_loss * real_blocks).sum() / real_blocks.sum().clamp(min=1)
-        answer_token_loss = F.cross_entropy(outputs["answer_logits"].transpose(1, 2), answer_ids, reduction="none")
-        answer_weights = answer_mask.float()
-        answer_loss = (answer_token_loss * answer_weights).sum() / answer_weights.sum().clamp(min=1)
-        loss = flow_weight * flow_loss + answer_weight * answer_loss + stop_weight * stop_loss
-        metrics = {"flow_loss": flow_loss.detach(), "answer_loss": answer_loss.detach(), "stop_loss": stop_loss.detach()}
-        if token_readout:
-            slot_loss = F.cross_entropy(outputs["slot_logits"].flatten(0, 2), slot_token_ids.flatten(), reduction="none")
-            slot_loss = slot_loss.view(batch, num_blocks, -1).mean(-1)
-            slot_token_loss = (slot_loss * real_blocks).sum() / real_blocks.sum().clamp(min=1)
-            loss = loss + slot_token_weight * slot_token_loss
-            metrics["slot_token_loss"] = slot_token_loss.detach()
-        return {"loss": loss, **metrics}
+        return outputs, (flow_error * real_blocks).sum() / real_blocks.sum().clamp(min=1)
 
     def _rollout_latents(self, prompt_ids, prompt_mask, block_mask, num_denoise_steps: int) -> torch.Tensor:
         """Blocks ``(B, Bm, L, D)`` denoised from noise one after another by Euler steps, differentiably."""
@@ -1234,17 +1337,24 @@ class LaDiRModel(PreTrainedModel):
             noisy_block_index = torch.cat([noisy_block_index, noisy_block_index], 1)
             copy_index = torch.arange(noisy_block_index.shape[1], device=device).expand(batch, -1)
             drop_prompt = copy_index >= num_blocks * num_steps
-        velocity = self._packed_forward(
-            prompt_ids,
-            prompt_mask,
-            step_latents[:, :, -1],
-            block_mask,
-            noisy_latents=noisy_latents,
-            noisy_timesteps=noisy_timesteps,
-            noisy_block_index=noisy_block_index,
-            drop_prompt=drop_prompt,
-            detach_velocity_features=detach_velocity_features,
-        )["velocity"]
+        if self.config.velocity_parameterization == "token_posterior":
+            if guided:
+                raise ValueError("A 'token_posterior' model has no unconditional prior: use cfg_scale=1.0.")
+            velocity = self._posterior_step_velocities(
+                prompt_ids, prompt_mask, step_latents[:, :, -1], block_mask, current, t, detach_velocity_features
+            )
+        else:
+            velocity = self._packed_forward(
+                prompt_ids,
+                prompt_mask,
+                step_latents[:, :, -1],
+                block_mask,
+                noisy_latents=noisy_latents,
+                noisy_timesteps=noisy_timesteps,
+                noisy_block_index=noisy_block_index,
+                drop_prompt=drop_prompt,
+                detach_velocity_features=detach_velocity_features,
+            )["velocity"]
         # one denoising step per row, (B * Bm * S, L, D), as the sampler's steps
         velocity, velocity_uncond = velocity.chunk(2, dim=1) if guided else (velocity, None)
         mean, std = sampling.policy_step(
@@ -1261,6 +1371,31 @@ class LaDiRModel(PreTrainedModel):
         std = std.view(batch, num_blocks, num_steps)
         log_probs = sampling.gaussian_log_prob(following.flatten(0, 2), mean, std.flatten())
         return {"log_probs": log_probs.view_as(std), "means": mean.view_as(current), "stds": std}
+
+    def _posterior_step_velocities(
+        self, prompt_ids, prompt_mask, latents, block_mask, step_latents, t, detach_features: bool
+    ) -> torch.Tensor:
+        """Token-posterior velocities ``(B, Bm * S, L, D)`` of the recorded steps ``step_latents``
+        ``(B, Bm, S, L, D)`` at times ``t`` ``(B, Bm, S)``.
+
+        The sampler read slot ``j``'s prior once, from the finished slots before it, so the prior of every step is
+        read here from the finished blocks ``latents`` ``(B, Bm, L, D)``: one causal copy per block at time 0 (where
+        a denoiser adapter acts, as in the sampler), whatever the number of steps scored.
+        """
+        batch, num_blocks = block_mask.shape
+        num_steps = step_latents.shape[2]
+        slot_logits = self._packed_forward(
+            prompt_ids,
+            prompt_mask,
+            latents,
+            block_mask,
+            noisy_latents=latents,
+            noisy_timesteps=torch.zeros(batch, num_blocks, device=latents.device),
+            noisy_block_index=torch.arange(num_blocks, device=latents.device).expand(batch, -1),
+            detach_velocity_features=detach_features,
+        )["slot_logits"]  # (B, Bm, L, V)
+        prior = slot_logits[:, :, None].expand(-1, -1, num_steps, -1, -1)  # every step of a block reads the same prior
+        return self.posterior_velocity(prior, step_latents, t).flatten(1, 2)
 
     def answer_log_probs(self, prompt_ids, prompt_mask, latents, block_mask, answer_ids, answer_mask, temperature=1.0):
         """Per-token log-probabilities (and entropies) of answers given prompt and clean latents, ``(B, A)``."""
@@ -1323,13 +1458,19 @@ class LaDiRModel(PreTrainedModel):
         Feeds only the ``L + 2`` tokens ``<bot>, t-embed, z_t`` against the cache, at the next block's positions, and
         cuts them off again: a noisy block is context for nothing. ``see_prompt=False`` hides the prompt's keys (the
         unconditional velocity of classifier-free guidance); the finished blocks in the cache did read the prompt.
+        A token-posterior denoiser reads its slots one at a time instead: see :meth:`next_slot_prior`.
         """
+        if self.config.velocity_parameterization == "token_posterior":
+            raise ValueError(
+                "A 'token_posterior' denoiser reads each slot's prior from the finished slots before it: use "
+                "next_slot_prior and posterior_velocity (LaDiRPipeline does)."
+            )
         layout = self.block_layout
         time_embedding = self.timestep_embedding(t)  # the input token and the adaLN head
         inputs_embeds = self._block_embeddings(latents, time_embedding, with_eot=False)
         keys = context.key_is_real if see_prompt else context.key_is_real & ~context.key_is_prompt
         block = torch.ones(layout.noisy_width, layout.noisy_width, dtype=torch.bool, device=keys.device)
-        if self.config.causal_denoiser:
+        if self.causal_noisy_blocks:
             block = block.tril()  # else bidirectional
         allowed = torch.cat(
             [keys[:, None, :].expand(-1, layout.noisy_width, -1), block.expand(context.rows, -1, -1)], 2
@@ -1342,6 +1483,34 @@ class LaDiRModel(PreTrainedModel):
             context.latent_codebook = self.latent_codebook()  # a constant of the pass: not once per denoising step
         return self._velocity(hidden, latents, t, time_embedding, codebook=context.latent_codebook)["velocity"]
 
+    def next_slot_prior(self, context: ReasonerContext, finished_slot: torch.Tensor | None = None) -> torch.Tensor:
+        """Token posterior, the sampler's step: the prior logits ``(R, V)`` of the next slot of the block being written.
+
+        ``finished_slot=None`` opens the block: feeds ``<bot>, t=0`` and returns slot 0's prior. Each later call feeds
+        the latent ``(R, D)`` that the last slot ended at and returns the next slot's prior. The block is fed as the
+        noisy copy at time 0 that the RL loss reads (causal, the denoiser adapter on), one position per slot; these
+        positions stay in the cache until :meth:`append_block` cuts them off and appends the finished block.
+        """
+        layout = self.block_layout
+        rows, device = context.rows, context.key_is_real.device
+        if finished_slot is None:
+            if context.num_open_slot_positions:
+                raise RuntimeError("A block is being written already: finish it with append_block first.")
+            time_embedding = self.timestep_embedding(torch.zeros(rows, device=device))
+            inputs_embeds = torch.cat([self._marker("bot", rows, 1), time_embedding[:, None]], dim=1)
+        else:
+            inputs_embeds = self.reasoner_latent_in(finished_slot.to(self.dtype))[:, None]
+        num_new, num_open = inputs_embeds.shape[1], context.num_open_slot_positions
+        if num_open + num_new > layout.noisy_width - 1:
+            raise RuntimeError(f"All {layout.num_latent_tokens} slots of the block have their prior already.")
+        causal = torch.ones(num_new, num_open + num_new, dtype=torch.bool, device=device).tril(num_open)
+        allowed = torch.cat([context.key_is_real[:, None, :].expand(-1, num_new, -1), causal.expand(rows, -1, -1)], 2)
+        positions = layout.position_ids(context.prompt_lengths, context.num_blocks, layout.noisy_width)
+        with self._denoiser_adapter_at(None):  # every position fed is the noisy block's
+            hidden = self._cached_forward(context, inputs_embeds, allowed, positions[:, num_open : num_open + num_new])
+        context.num_open_slot_positions += num_new
+        return _float32_or_wider(self._lm_logits(hidden[:, -1]))
+
     def append_block(self, context: ReasonerContext, latents: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
         """Append a finished block ``<bot>, t=0, z_0, <eot>`` (``latents`` ``(R, L, D)``) to the context and return
         the stop logits ``(R, 2)`` read at its ``<eot>`` (``CONTINUE`` another block, or ``ANSWER``).
@@ -1351,11 +1520,16 @@ class LaDiRModel(PreTrainedModel):
         """
         layout = self.block_layout
         rows, device = context.rows, latents.device
+        if context.num_open_slot_positions:  # a token posterior's noisy copy, fed slot by slot: context for nothing
+            context.cache.crop(-context.num_open_slot_positions)
+            context.num_open_slot_positions = 0
         inputs_embeds = self._block_embeddings(
             latents, self.timestep_embedding(torch.zeros(rows, device=device)), with_eot=True
         )
         inside = torch.ones(layout.width, layout.width, dtype=torch.bool, device=device)
         inside[: layout.eot, layout.eot] = False  # <bot>, t, z do not see <eot>; <eot> sees the whole block
+        if self.causal_clean_blocks:
+            inside = inside.tril()
         allowed = torch.cat(
             [context.key_is_real[:, None, :].expand(-1, layout.width, -1), inside.expand(rows, -1, -1)], 2
         )

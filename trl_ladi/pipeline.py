@@ -21,6 +21,14 @@ As in diffusers, the model gives the steps, `trl_ladi.sampling` the math of a st
         stop once every row chose "answer" (until then, only the rows still writing are fed to the LM)
     then M answers per latent, token by token from the shared context (model.answer_step)
 
+A token-posterior model (`LaDiRConfig.velocity_parameterization="token_posterior"`) writes a block slot by slot:
+
+        for slot in range(L):
+            prior = model.next_slot_prior(context, last_slot)             (feeds one position: the slot before)
+            for step in range(K):
+                velocity = model.posterior_velocity(prior, z_slot, t)     (exact, no forward)
+                z_slot ~ sampling.policy_step(z_slot, velocity, t, t_next, ...)
+
 The RL trainer calls `sample` on token ids; `sample_answers` is text in, text out.
 """
 
@@ -201,6 +209,19 @@ class LaDiRPipeline:
                 f"{num_denoise_steps} and {max_blocks}."
             )
         initial_noise_scale = config.initial_noise_scale if initial_noise_scale is None else initial_noise_scale
+        if config.velocity_parameterization == "token_posterior":
+            if cfg_scale != 1.0:
+                raise ValueError(
+                    f"cfg_scale={cfg_scale}: a 'token_posterior' model has no unconditional prior (its reasoner stage "
+                    "reads every slot with the prompt), so classifier-free guidance has nothing to guide with. Use "
+                    "cfg_scale=1.0."
+                )
+            if initial_noise_scale != config.initial_noise_scale:
+                raise ValueError(
+                    f"initial_noise_scale={initial_noise_scale}: a 'token_posterior' denoiser is the exact posterior "
+                    f"for the noise of its config ({config.initial_noise_scale}); set LaDiRConfig.initial_noise_scale "
+                    "instead, or pass None."
+                )
         rows, device = context.rows, context.key_is_real.device
         block_shape = (rows, config.latent_tokens_per_block, config.latent_dim)
         dtype = torch.promote_types(model.dtype, torch.float32)  # the step's math: float32, or float64 for such a model
@@ -216,38 +237,18 @@ class LaDiRPipeline:
             writing = (~stopped).nonzero().squeeze(-1)
             block_context = context if len(writing) == rows else context.select_rows(writing)
             z = initial_noise_scale * torch.randn(block_shape, device=device, dtype=dtype, generator=generator)
-            steps = {name: [] for name in record}
-            steps["step_latents"].append(z)
-            for step in range(num_denoise_steps):
-                t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
-                velocity = self._velocity(block_context, writing, z, t)
-                velocity_uncond = None
-                if cfg_scale != 1.0:
-                    velocity_uncond = self._velocity(block_context, writing, z, t, see_prompt=False)
-                # the repulsion among a prompt's latents depends on z alone, not on the weights: stored with the step
-                offset = sampling.diversity_guidance(
-                    z, latent_group_size, t, t_next, diversity_guidance_scale, active=block_mask[-1]
-                )
-                step_output = sampling.sde_step(
-                    z,
-                    velocity,
-                    t,
-                    t_next,
-                    sde_noise_level,
-                    config.sde_max_t,
-                    velocity_uncond=velocity_uncond,
-                    cfg_scale=cfg_scale,
-                    mean_offset=offset,
-                    generator=generator,
-                )
-                z = step_output.sample
-                steps["step_latents"].append(z)
-                steps["step_means"].append(step_output.mean)
-                steps["step_stds"].append(step_output.std)
-                steps["step_log_probs"].append(step_output.log_prob)
-                steps["mean_offsets"].append(offset)
+            policy = dict(
+                timesteps=timesteps, sde_noise_level=sde_noise_level, cfg_scale=cfg_scale,
+                diversity_guidance_scale=diversity_guidance_scale, latent_group_size=latent_group_size,
+                active=block_mask[-1], generator=generator,
+            )
+            if config.velocity_parameterization == "token_posterior":
+                steps = self._denoise_slot_by_slot(block_context, writing, z, **policy)
+            else:
+                steps = self._denoise_block(block_context, writing, z, **policy)
             for name, values in steps.items():
-                record[name].append(torch.stack(values, 1))
+                record[name].append(values)
+            z = steps["step_latents"][:, -1]
 
             # the finished block becomes context; its <eot> decides: another block, or the answer
             if block_context is context:
@@ -267,6 +268,103 @@ class LaDiRPipeline:
             num_blocks=block_mask.sum(1),
             block_mask=block_mask,
         )
+
+    def _denoise_block(
+        self, block_context, writing, z, timesteps, sde_noise_level, cfg_scale, diversity_guidance_scale,
+        latent_group_size, active, generator,
+    ) -> dict:
+        """All slots of a block at once, from noise ``z`` ``(R, L, D)`` in ``K`` policy steps; returns the block's
+        records (:class:`LatentTrace`'s fields, without the block dimension)."""
+        rows = z.shape[0]
+        steps = {"step_latents": [z], "step_means": [], "step_stds": [], "step_log_probs": [], "mean_offsets": []}
+        for step in range(len(timesteps) - 1):
+            t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
+            velocity = self._velocity(block_context, writing, z, t)
+            velocity_uncond = None
+            if cfg_scale != 1.0:
+                velocity_uncond = self._velocity(block_context, writing, z, t, see_prompt=False)
+            # the repulsion among a prompt's latents depends on z alone, not on the weights: stored with the step
+            offset = sampling.diversity_guidance(z, latent_group_size, t, t_next, diversity_guidance_scale, active=active)
+            step_output = sampling.sde_step(
+                z,
+                velocity,
+                t,
+                t_next,
+                sde_noise_level,
+                self.model.config.sde_max_t,
+                velocity_uncond=velocity_uncond,
+                cfg_scale=cfg_scale,
+                mean_offset=offset,
+                generator=generator,
+            )
+            z = step_output.sample
+            steps["step_latents"].append(z)
+            steps["step_means"].append(step_output.mean)
+            steps["step_stds"].append(step_output.std)
+            steps["step_log_probs"].append(step_output.log_prob)
+            steps["mean_offsets"].append(offset)
+        return {name: torch.stack(values, 1) for name, values in steps.items()}
+
+    def _denoise_slot_by_slot(
+        self, block_context, writing, z, timesteps, sde_noise_level, cfg_scale, diversity_guidance_scale,
+        latent_group_size, active, generator,
+    ) -> dict:
+        """Token posterior: slot ``j`` reads its prior from the finished slots before it (one forward), then takes its
+        ``K`` policy steps with the exact posterior velocity, which needs no forward. Recorded as :meth:`_denoise_block`
+        records a block: step ``k`` of the block is step ``k`` of every slot, its log-probability the sum over slots
+        (each slot's step is a Gaussian of its own numbers), which is what the loss recomputes from the finished block.
+        No classifier-free guidance (`sample_latents` refuses it): the reasoner stage trains no unconditional prior.
+        """
+        model, rows = self.model, z.shape[0]
+        if block_context.latent_codebook is None:
+            block_context.latent_codebook = model.latent_codebook()  # a constant of the pass
+        codebook = block_context.latent_codebook
+        slots = []
+        for slot in range(z.shape[1]):
+            previous = None if slot == 0 else slots[-1]["step_latents"][:, -1, 0]  # where the last slot ended
+            prior = self._slot_prior(block_context, writing, previous, rows)
+            x = z[:, slot : slot + 1]  # (R, 1, D): this slot's latent through its steps
+            steps = {"step_latents": [x], "step_means": [], "step_stds": [], "step_log_probs": [], "mean_offsets": []}
+            for step in range(len(timesteps) - 1):
+                t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
+                velocity = model.posterior_velocity(prior, x, t, codebook)
+                offset = sampling.diversity_guidance(x, latent_group_size, t, t_next, diversity_guidance_scale, active=active)
+                step_output = sampling.sde_step(
+                    x,
+                    velocity,
+                    t,
+                    t_next,
+                    sde_noise_level,
+                    model.config.sde_max_t,
+                    mean_offset=offset,
+                    generator=generator,
+                )
+                x = step_output.sample
+                steps["step_latents"].append(x)
+                steps["step_means"].append(step_output.mean)
+                steps["step_stds"].append(step_output.std)
+                steps["step_log_probs"].append(step_output.log_prob)
+                steps["mean_offsets"].append(offset)
+            slots.append({name: torch.stack(values, 1) for name, values in steps.items()})
+        return {
+            "step_latents": torch.cat([s["step_latents"] for s in slots], 2),  # (R, K + 1, L, D)
+            "step_means": torch.cat([s["step_means"] for s in slots], 2),
+            "step_stds": slots[0]["step_stds"],  # a function of the schedule: the same for every slot
+            "step_log_probs": sum(s["step_log_probs"] for s in slots),
+            "mean_offsets": torch.cat([s["mean_offsets"] for s in slots], 2),
+        }
+
+    def _slot_prior(self, block_context, writing, previous_slot, rows: int):
+        """Prior logits ``(R, 1, V)`` of the next slot for every row (``previous_slot`` ``(R, D)``: where the last slot
+        ended; None for the first); rows that chose the answer get a uniform prior without a forward (their records
+        are masked everywhere)."""
+        finished = None if previous_slot is None else previous_slot[writing]
+        logits = self.model.next_slot_prior(block_context, finished)[:, None]
+        if block_context.rows == rows:
+            return logits
+        priors = logits.new_zeros(rows, 1, logits.shape[-1])
+        priors[writing] = logits
+        return priors
 
     def _velocity(self, block_context: ReasonerContext, writing: torch.Tensor, z, t, see_prompt: bool = True):
         """The velocity of every row of ``z``; ``block_context`` holds the rows ``writing`` (all rows, or a

@@ -151,6 +151,29 @@ def sde_step(
     return SDEStepOutput(sample=next_sample, mean=mean, std=std, log_prob=gaussian_log_prob(next_sample, mean, std))
 
 
+def codebook_posterior_mean(
+    prior_logits: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, codebook: torch.Tensor, noise_scale: float
+) -> torch.Tensor:
+    """The exact denoiser ``E[z_0 | z_t]`` when ``z_0`` is one row of ``codebook`` ``(V, D)`` with prior
+    ``softmax(prior_logits)`` ``(..., V)``, and ``z_t = (1 - t) z_0 + t noise_scale eps`` (``sample``, ``(..., D)``).
+
+    Bayes: ``p(v | z_t) ~ p(v) N(z_t; (1 - t) c_v, (t noise_scale)^2 I)``, so the posterior logits are the prior's minus
+    ``|z_t - (1 - t) c_v|^2 / (2 t^2 noise_scale^2)``; the mean is ``sum_v p(v | z_t) c_v``. At ``t = 1`` the noise
+    says nothing and the mean is the prior's; as ``t -> 0`` it picks the nearest codebook row. ``t`` ``(...)`` per row;
+    the caller never evaluates ``t = 0``.
+    """
+    t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device)[..., None]
+    codebook = codebook.to(sample.dtype)
+    # |z - (1 - t) c|^2 = |z|^2 - 2 (1 - t) z.c + (1 - t)^2 |c|^2, without a (..., V, D) difference tensor
+    squared_distance = (
+        sample.pow(2).sum(-1, keepdim=True)
+        - 2 * (1 - t) * (sample @ codebook.T)
+        + (1 - t) ** 2 * codebook.pow(2).sum(-1)
+    )
+    posterior_logits = prior_logits.to(sample.dtype) - squared_distance / (2 * (t * noise_scale) ** 2)
+    return posterior_logits.softmax(-1) @ codebook
+
+
 def classifier_free_guidance(velocity_cond: torch.Tensor, velocity_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """``v = v_uncond + s (v_cond - v_uncond)``; ``s = 1`` is the conditional model alone."""
     return velocity_uncond + cfg_scale * (velocity_cond - velocity_uncond)

@@ -81,3 +81,13 @@ def tiny_ladir_model(tokenizer=None, family="llama", seed=0, language_model=None
     elif seed is not None:
         torch.manual_seed(seed)
     return LaDiRModel.from_base(language_model, **ladir_options)
+
+
+def spread_latent_codebook(model: LaDiRModel, spacing: float = 2.0) -> LaDiRModel:
+    """Set a token-aligned model's `latent_scaling_factor` so that the median distance from a codebook row to its
+    nearest neighbour is ``spacing``. A tiny model's rows sit ~0.02 apart, so every noise level hides which token a
+    slot holds; SmolLM2-135M's chain_sum tokens sit 2-3 apart at unit latent scale."""
+    codebook = model.latent_codebook().float()
+    nearest = torch.cdist(codebook, codebook).topk(2, largest=False).values[:, 1].median().item()
+    model.config.latent_scaling_factor *= spacing / nearest
+    return model

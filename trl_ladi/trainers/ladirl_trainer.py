@@ -155,6 +155,12 @@ class LaDiRLTrainer(GRPOTrainer):
         if train_dataset is not None and hasattr(train_dataset, "__len__"):
             self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args, max_latent_blocks)
         use_available_cores()  # under accelerate launch on a CPU: the cores, not the one thread it sets
+        if args.latent_policy_parameters == "velocity_head" and model.config.velocity_parameterization == "token_posterior":
+            raise ValueError(
+                "A 'token_posterior' model has no velocity head to train: its denoiser is the exact posterior of the "
+                "LM's slot priors. Set latent_policy_parameters='denoiser_adapter' (the priors move, the answer "
+                "decoder does not) or 'reasoner'."
+            )
         if args.latent_policy_parameters == "denoiser_adapter" and model.config.denoiser_lora_rank == 0:
             model.add_denoiser_adapter(args.denoiser_lora_rank)  # starts as a no-op: the policy is unchanged
         denoiser, shared = self._trained_parameters(model, args)

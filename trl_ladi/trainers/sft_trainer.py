@@ -375,9 +375,12 @@ class LaDiRSFTTrainer(Trainer):
             samples = LaDiRPipeline(model, tokenizer).sample_answers(prompts, temperature=0.0)
             for row, (prompt, answer) in enumerate(zip(prompts, samples.texts)):
                 num_blocks = int(samples.trace.num_blocks[row])
-                thoughts = model.decode_latents_to_text(samples.latents[row, :num_blocks], tokenizer)
+                if model.config.velocity_parameterization == "token_posterior":  # its slots are codebook rows
+                    reading, thoughts = "slot tokens", model.read_latent_tokens(samples.latents[row, :num_blocks], tokenizer)
+                else:
+                    reading, thoughts = "VAE-decoded", model.decode_latents_to_text(samples.latents[row, :num_blocks], tokenizer)
                 question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-                lines.append(f"  prompt {question!r}\n    thoughts (VAE-decoded): {thoughts}\n    answer: {answer!r}")
+                lines.append(f"  prompt {question!r}\n    thoughts ({reading}): {thoughts}\n    answer: {answer!r}")
         model.train(was_training)
         return "\n".join(lines)
 
