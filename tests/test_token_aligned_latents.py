@@ -177,25 +177,32 @@ def test_the_token_readout_velocity_lands_on_its_clean_estimate_and_the_estimate
         torch.testing.assert_close(outputs["clean_latents"], expected)
 
 
-@pytest.fixture(scope="module")
-def token_readout_reasoner(trained_vae, tmp_path_factory, statistical_seed):
-    """The reasoner stage of a token-readout model, after the token-aligned VAE stage of `trained_vae`."""
+def train_reasoner_stage(trained_vae, output_dir, seed, **config) -> dict:
+    """The reasoner stage after the token-aligned VAE stage of `trained_vae`, with these `LaDiRConfig` values; the
+    answer accuracy of sampled latents on the training prompts before and after, and the logged slot-token losses."""
     model = copy.deepcopy(trained_vae["model"])
-    model.config.velocity_parameterization = "token_readout"
+    for name, value in config.items():
+        setattr(model.config, name, value)
     tokenizer, rows = trained_vae["tokenizer"], chain_rows()
-    before = answer_accuracy(model, tokenizer, rows, seed=statistical_seed)
+    before = answer_accuracy(model, tokenizer, rows, seed=seed)
     trainer = LaDiRSFTTrainer(
         model=model,
-        args=sft_config(tmp_path_factory.mktemp("reasoner"), "reasoner", num_train_epochs=16, logging_steps=5,
-                        seed=statistical_seed),
+        args=sft_config(output_dir, "reasoner", num_train_epochs=16, logging_steps=5, seed=seed),
         train_dataset=datasets.Dataset.from_dict(rows),
         processing_class=tokenizer,
     )
     trainer.train()
-    slot_losses = [entry["slot_token_loss"] for entry in trainer.state.log_history if "slot_token_loss" in entry]
-    after = answer_accuracy(model.eval(), tokenizer, rows, seed=statistical_seed)
-    print({"answer accuracy": (before, after), "slot token losses": slot_losses})
-    return {"before": before, "after": after, "slot_losses": slot_losses, "trainer": trainer}
+    logged = [entry for entry in trainer.state.log_history if "slot_token_loss" in entry]
+    slot_losses = [entry["slot_token_loss"] for entry in logged]
+    after = answer_accuracy(model.eval(), tokenizer, rows, seed=seed)
+    print({"answer accuracy, sampled latents": (before, after), "slot token losses": slot_losses})
+    return {"before": before, "after": after, "slot_losses": slot_losses, "logged": logged, "trainer": trainer}
+
+
+@pytest.fixture(scope="module")
+def token_readout_reasoner(trained_vae, tmp_path_factory, statistical_seed):
+    return train_reasoner_stage(trained_vae, tmp_path_factory.mktemp("reasoner"), statistical_seed,
+                                velocity_parameterization="token_readout")
 
 
 @pytest.mark.statistical
@@ -227,24 +234,8 @@ def test_the_denoiser_report_reads_blocks_back_better_from_less_noise(token_read
 
 @pytest.fixture(scope="module")
 def token_posterior_reasoner(trained_vae, tmp_path_factory, statistical_seed):
-    """The reasoner stage of a token-posterior model, after the token-aligned VAE stage of `trained_vae`."""
-    model = copy.deepcopy(trained_vae["model"])
-    model.config.velocity_parameterization = "token_posterior"
-    model.config.initial_noise_scale = 1.0
-    tokenizer, rows = trained_vae["tokenizer"], chain_rows()
-    before = answer_accuracy(model, tokenizer, rows, seed=statistical_seed)
-    trainer = LaDiRSFTTrainer(
-        model=model,
-        args=sft_config(tmp_path_factory.mktemp("posterior"), "reasoner", num_train_epochs=16, logging_steps=5,
-                        seed=statistical_seed),
-        train_dataset=datasets.Dataset.from_dict(rows),
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "slot_token_loss" in entry]
-    after = answer_accuracy(model.eval(), tokenizer, rows, seed=statistical_seed)
-    print({"answer accuracy, sampled latents": (before, after), "slot token losses": [e["slot_token_loss"] for e in logged]})
-    return {"before": before, "after": after, "logged": logged}
+    return train_reasoner_stage(trained_vae, tmp_path_factory.mktemp("posterior"), statistical_seed,
+                                velocity_parameterization="token_posterior", initial_noise_scale=1.0)
 
 
 @pytest.mark.statistical
@@ -253,9 +244,8 @@ def test_the_token_posterior_reasoner_learns_slot_tokens_that_its_sampled_latent
 ):
     """The reasoner stage of a token posterior is next-slot prediction from clean prefixes; nothing else is learnt for
     the denoiser, yet the latents it then samples (slot by slot, exact posterior ODE) answer the training prompts."""
-    logged = token_posterior_reasoner["logged"]
+    logged, slot_losses = token_posterior_reasoner["logged"], token_posterior_reasoner["slot_losses"]
     assert len(logged) >= 3 and all("flow_loss" not in entry for entry in logged)
-    slot_losses = [entry["slot_token_loss"] for entry in logged]
     # seeds 0-4 x 1-2 threads (AMD EPYC), 16 epochs: loss ratio <= 0.34, answer accuracy rise >= 0.21 (mean 0.31)
     margin.check("last / first logged slot-token loss", slot_losses[-1] / slot_losses[0], 0.6, "<", context=slot_losses)
     before, after = token_posterior_reasoner["before"], token_posterior_reasoner["after"]

@@ -243,9 +243,9 @@ class LaDiRPipeline:
                 active=block_mask[-1], generator=generator,
             )
             if config.velocity_parameterization == "token_posterior":
-                steps = self._denoise_slot_by_slot(block_context, writing, z, **policy)
+                steps = self._denoise_slot_by_slot(block_context, writing, z, policy)
             else:
-                steps = self._denoise_block(block_context, writing, z, **policy)
+                steps = self._denoise_block(block_context, writing, z, policy)
             for name, values in steps.items():
                 record[name].append(values)
             z = steps["step_latents"][:, -1]
@@ -269,53 +269,28 @@ class LaDiRPipeline:
             block_mask=block_mask,
         )
 
-    def _denoise_block(
-        self, block_context, writing, z, timesteps, sde_noise_level, cfg_scale, diversity_guidance_scale,
-        latent_group_size, active, generator,
-    ) -> dict:
+    def _denoise_block(self, block_context, writing, z, policy: dict) -> dict:
         """All slots of a block at once, from noise ``z`` ``(R, L, D)`` in ``K`` policy steps; returns the block's
         records (:class:`LatentTrace`'s fields, without the block dimension)."""
-        rows = z.shape[0]
+        timesteps, rows = policy["timesteps"], z.shape[0]
         steps = {"step_latents": [z], "step_means": [], "step_stds": [], "step_log_probs": [], "mean_offsets": []}
         for step in range(len(timesteps) - 1):
             t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
             velocity = self._velocity(block_context, writing, z, t)
             velocity_uncond = None
-            if cfg_scale != 1.0:
+            if policy["cfg_scale"] != 1.0:
                 velocity_uncond = self._velocity(block_context, writing, z, t, see_prompt=False)
-            # the repulsion among a prompt's latents depends on z alone, not on the weights: stored with the step
-            offset = sampling.diversity_guidance(z, latent_group_size, t, t_next, diversity_guidance_scale, active=active)
-            step_output = sampling.sde_step(
-                z,
-                velocity,
-                t,
-                t_next,
-                sde_noise_level,
-                self.model.config.sde_max_t,
-                velocity_uncond=velocity_uncond,
-                cfg_scale=cfg_scale,
-                mean_offset=offset,
-                generator=generator,
-            )
-            z = step_output.sample
-            steps["step_latents"].append(z)
-            steps["step_means"].append(step_output.mean)
-            steps["step_stds"].append(step_output.std)
-            steps["step_log_probs"].append(step_output.log_prob)
-            steps["mean_offsets"].append(offset)
+            z = self._policy_step(steps, z, velocity, t, t_next, policy, velocity_uncond)
         return {name: torch.stack(values, 1) for name, values in steps.items()}
 
-    def _denoise_slot_by_slot(
-        self, block_context, writing, z, timesteps, sde_noise_level, cfg_scale, diversity_guidance_scale,
-        latent_group_size, active, generator,
-    ) -> dict:
+    def _denoise_slot_by_slot(self, block_context, writing, z, policy: dict) -> dict:
         """Token posterior: slot ``j`` reads its prior from the finished slots before it (one forward), then takes its
         ``K`` policy steps with the exact posterior velocity, which needs no forward. Recorded as :meth:`_denoise_block`
         records a block: step ``k`` of the block is step ``k`` of every slot, its log-probability the sum over slots
         (each slot's step is a Gaussian of its own numbers), which is what the loss recomputes from the finished block.
         No classifier-free guidance (`sample_latents` refuses it): the reasoner stage trains no unconditional prior.
         """
-        model, rows = self.model, z.shape[0]
+        model, timesteps, rows = self.model, policy["timesteps"], z.shape[0]
         if block_context.latent_codebook is None:
             block_context.latent_codebook = model.latent_codebook()  # a constant of the pass
         codebook = block_context.latent_codebook
@@ -327,24 +302,7 @@ class LaDiRPipeline:
             steps = {"step_latents": [x], "step_means": [], "step_stds": [], "step_log_probs": [], "mean_offsets": []}
             for step in range(len(timesteps) - 1):
                 t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
-                velocity = model.posterior_velocity(prior, x, t, codebook)
-                offset = sampling.diversity_guidance(x, latent_group_size, t, t_next, diversity_guidance_scale, active=active)
-                step_output = sampling.sde_step(
-                    x,
-                    velocity,
-                    t,
-                    t_next,
-                    sde_noise_level,
-                    model.config.sde_max_t,
-                    mean_offset=offset,
-                    generator=generator,
-                )
-                x = step_output.sample
-                steps["step_latents"].append(x)
-                steps["step_means"].append(step_output.mean)
-                steps["step_stds"].append(step_output.std)
-                steps["step_log_probs"].append(step_output.log_prob)
-                steps["mean_offsets"].append(offset)
+                x = self._policy_step(steps, x, model.posterior_velocity(prior, x, t, codebook), t, t_next, policy)
             slots.append({name: torch.stack(values, 1) for name, values in steps.items()})
         return {
             "step_latents": torch.cat([s["step_latents"] for s in slots], 2),  # (R, K + 1, L, D)
@@ -353,6 +311,31 @@ class LaDiRPipeline:
             "step_log_probs": sum(s["step_log_probs"] for s in slots),
             "mean_offsets": torch.cat([s["mean_offsets"] for s in slots], 2),
         }
+
+    def _policy_step(self, steps: dict, z, velocity, t, t_next, policy: dict, velocity_uncond=None) -> torch.Tensor:
+        """One step of the SDE policy from ``z``; appends what it recorded to ``steps`` and returns the sample."""
+        # the repulsion among a prompt's latents depends on z alone, not on the weights: stored with the step
+        offset = sampling.diversity_guidance(
+            z, policy["latent_group_size"], t, t_next, policy["diversity_guidance_scale"], active=policy["active"]
+        )
+        step_output = sampling.sde_step(
+            z,
+            velocity,
+            t,
+            t_next,
+            policy["sde_noise_level"],
+            self.model.config.sde_max_t,
+            velocity_uncond=velocity_uncond,
+            cfg_scale=policy["cfg_scale"],
+            mean_offset=offset,
+            generator=policy["generator"],
+        )
+        steps["step_latents"].append(step_output.sample)
+        steps["step_means"].append(step_output.mean)
+        steps["step_stds"].append(step_output.std)
+        steps["step_log_probs"].append(step_output.log_prob)
+        steps["mean_offsets"].append(offset)
+        return step_output.sample
 
     def _slot_prior(self, block_context, writing, previous_slot, rows: int):
         """Prior logits ``(R, 1, V)`` of the next slot for every row (``previous_slot`` ``(R, D)``: where the last slot
