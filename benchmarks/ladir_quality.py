@@ -209,7 +209,7 @@ def denoiser_slot_accuracy(model, tokenizer, test, output_dir, noise_levels=(0.3
 
     Every block of the true reasoning is noised to ``z_t`` (context: the prompt and the true blocks before it); the
     one-step clean estimate ``z_t - t v`` and the true latent are each read per slot as their nearest codebook token
-    (`latent_codebook`). Reports the share of the sentences' slots where the two agree, and of blocks where they agree
+    (`nearest_codebook_tokens`). Reports the share of the sentences' slots where the two agree, and of blocks where they agree
     in every such slot (the empty slots after a sentence are not scored).
     """
     args = LaDiRSFTConfig(output_dir=output_dir, stage="reasoner", answer_template=ANSWER_TEMPLATE, max_answer_length=16,
@@ -242,8 +242,8 @@ def denoiser_slot_accuracy(model, tokenizer, test, output_dir, noise_levels=(0.3
                     batch["prompt_ids"], batch["prompt_mask"], latents, block_mask, noisy_latents=noisy,
                     noisy_timesteps=times, noisy_block_index=block_index.expand(num_rows, -1),
                 )["velocity"]
-            read = nearest_token(codebook, (noisy - t * velocity)[block_mask])  # the estimate, (blocks, L)
-            target = nearest_token(codebook, latents[block_mask])  # what the true latent reads as
+            read = model.nearest_codebook_tokens((noisy - t * velocity)[block_mask], codebook)  # the estimate, (blocks, L)
+            target = model.nearest_codebook_tokens(latents[block_mask], codebook)  # what the true latent reads as
             is_token = batch["slot_token_ids"][block_mask] != tokenizer.eos_token_id
             hits[t][0] += int(((read == target) & is_token).sum())
             hits[t][1] += int(is_token.sum())
@@ -253,12 +253,6 @@ def denoiser_slot_accuracy(model, tokenizer, test, output_dir, noise_levels=(0.3
             "token_accuracy": [hits[t][0] / hits[t][1] for t in noise_levels],
             "block_exact_match": [hits[t][2] / hits[t][3] for t in noise_levels],
             "num_blocks": hits[noise_levels[0]][3]}
-
-
-def nearest_token(codebook, latents):
-    """The codebook row nearest to each latent token ``(..., D)`` -> ``(...)`` token ids."""
-    distances = latents.pow(2).sum(-1, keepdim=True) - 2 * latents @ codebook.T + codebook.pow(2).sum(-1)
-    return distances.argmin(-1)
 
 
 def without_per_problem(result):

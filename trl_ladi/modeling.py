@@ -911,13 +911,20 @@ class LaDiRModel(PreTrainedModel):
         return tokenizer.batch_decode(token_ids, skip_special_tokens=True)
 
     @torch.no_grad()
+    def nearest_codebook_tokens(self, latents: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """The token ids ``(...)`` of the codebook rows nearest to latent slots ``(..., D)`` (reasoner space; eos is the
+        empty slot). ``codebook``: `latent_codebook()`, when the caller already has it."""
+        codebook = (self.latent_codebook() if codebook is None else codebook).to(latents.dtype)
+        # |z - c|^2 up to |z|^2, without a (..., V, D) difference tensor
+        distances = codebook.pow(2).sum(-1) - 2 * latents @ codebook.T
+        return distances.argmin(-1)
+
+    @torch.no_grad()
     def read_latent_tokens(self, latents: torch.Tensor, tokenizer) -> list[str]:
         """Show token-aligned latent blocks ``(B, L, D)`` (reasoner space) as the text of each slot's nearest codebook
-        token (`latent_codebook`; empty slots dropped): what a token posterior's blocks hold, with no decoder."""
-        codebook = self.latent_codebook().to(latents.dtype)
-        nearest = torch.cdist(latents.flatten(0, -2), codebook).argmin(-1).view(latents.shape[:-1])
+        token (`nearest_codebook_tokens`; empty slots dropped): what a token posterior's blocks hold, with no decoder."""
         eos = self._eos_token_id()
-        return [tokenizer.decode([token for token in row.tolist() if token != eos]) for row in nearest]
+        return [tokenizer.decode([t for t in row.tolist() if t != eos]) for row in self.nearest_codebook_tokens(latents)]
 
     # ------------------------------------------------------------------ the packed reasoner forward (training)
 
