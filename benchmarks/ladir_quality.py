@@ -51,7 +51,8 @@ def add_ladir_recipe_arguments(parser):
     group.add_argument("--latent_dim", type=int, default=128)
     group.add_argument("--lora_rank", type=int, default=16)
     group.add_argument("--vae_decoder_lora_rank", type=int, default=0, help="0: the frozen base LM decodes latents.")
-    group.add_argument("--token_aligned_latents", action="store_true", help="One latent token per sentence token.")
+    group.add_argument("--token_aligned_latents", action=argparse.BooleanOptionalAction, default=False,
+                       help="One latent token per sentence token.")
     group.add_argument("--velocity_parameterization", choices=["direct", "token_readout", "token_posterior"],
                        default="direct",
                        help="'token_readout' (with --token_aligned_latents): the LM's token head predicts each slot. "
@@ -221,9 +222,11 @@ def denoiser_slot_accuracy(model, tokenizer, test, output_dir, noise_levels=(0.3
     hits = {t: [0, 0, 0, 0] for t in noise_levels}  # token hits, tokens, exact blocks, blocks
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(model.device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]).items()}
-        latents, block_mask = batch["latents"], batch["block_mask"].bool()
+        block_mask = batch["block_mask"].bool()
         if model.config.velocity_parameterization == "token_posterior":
-            latents = codebook[batch["slot_token_ids"]].to(latents.dtype)  # what it trains on and samples
+            latents = codebook[batch["slot_token_ids"]]  # what it trains on and samples
+        else:
+            latents = batch["latents"]
         num_rows, num_blocks = block_mask.shape
         block_index = torch.arange(num_blocks, device=latents.device)
         for t in noise_levels:

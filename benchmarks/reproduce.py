@@ -50,26 +50,37 @@ from trl_ladi.rewards.math import extract_final_answer
 
 ANSWER_TEMPLATE = "#### {answer}"
 
+# The LaDiR recipe of the main job and of docs/sft.md's side-by-side run: one latent slot per sentence token, written
+# by the exact posterior of the LM's slot priors (velocity_parameterization="token_posterior"), a quarter of the
+# budget for the VAE stage.
+LADIR_RECIPE = dict(
+    token_aligned_latents=True, latent_tokens_per_block=16, velocity_parameterization="token_posterior",
+    token_readout_temperature=0.7, initial_noise_scale=1.0, vae_decoder_lora_rank=16, vae_fraction=0.25,
+    vae_learning_rate=2e-3, reasoner_learning_rate=1e-3, initial_latent_logvar=-4.0, latent_noise_std=0.3,
+    token_substitution_prob=0.0, num_denoise_steps=6,
+)
+
 PRESETS = {
     # 2 CPU cores: sized from the measured costs in docs/reproduction.md
     "cpu": dict(
         model_name_or_path=None, num_train_examples=2048, num_test_examples=64, num_samples=16,
-        sft_budget_seconds=240, rl_steps=10, prompts_per_step=2, num_latents=4, num_decodes_per_latent=2,
-        grpo_learning_rate=5e-6, ladirl_learning_rate=1e-4, max_new_tokens=48, eval_batch_size=8,
+        sft_budget_seconds=480, rl_steps=10, prompts_per_step=2, num_latents=4, num_decodes_per_latent=2,
+        grpo_learning_rate=5e-6, ladirl_learning_rate=5e-4, max_new_tokens=48, eval_batch_size=8,
     ),
     # one GPU (written for an H200, not run yet): a 0.5B model, 256 held-out problems
     "gpu": dict(
         model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct", num_train_examples=8192, num_test_examples=256,
         num_samples=16, sft_budget_seconds=1200, rl_steps=100, prompts_per_step=16, num_latents=8,
-        num_decodes_per_latent=4, grpo_learning_rate=1e-6, ladirl_learning_rate=1e-4, max_new_tokens=128,
-        eval_batch_size=32, batch_size=32, lora_rank=64,
+        num_decodes_per_latent=4, grpo_learning_rate=1e-6, ladirl_learning_rate=5e-4, max_new_tokens=128,
+        eval_batch_size=32, batch_size=32, lora_rank=64, reasoner_learning_rate=5e-4,
+        latent_tokens_per_block=24,  # Qwen2.5 writes numbers digit by digit: longer sentences than SmolLM2's
     ),
     # a tiny random model: the whole pipeline in seconds (the CI smoke test)
     "tiny": dict(
         model_name_or_path="tiny", num_train_examples=16, num_test_examples=4, num_samples=4, sft_budget_seconds=0.1,
         rl_steps=1, prompts_per_step=2, num_latents=2, num_decodes_per_latent=2, grpo_learning_rate=1e-5,
         ladirl_learning_rate=1e-3, max_new_tokens=4, eval_batch_size=4, batch_size=4, latent_dim=8,
-        latent_tokens_per_block=2, lora_rank=4, max_blocks=2, num_denoise_steps=2,
+        latent_tokens_per_block=8, lora_rank=4, max_blocks=2, num_denoise_steps=2,
     ),
 }
 
@@ -95,8 +106,7 @@ def parse_args(argv=None):
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
     parser.add_argument("--batch_size", type=int, default=8, help="Batch size of the supervised starts.")
     add_ladir_recipe_arguments(parser)
-    parser.set_defaults(vae_learning_rate=1e-3, initial_latent_logvar=-4.0, latent_noise_std=0.0,
-                        token_substitution_prob=0.0)
+    parser.set_defaults(**LADIR_RECIPE)
     # RL, with the same rollout budget on both sides
     parser.add_argument("--rl_steps", type=int, help="Optimizer steps of GRPO and of each LaDi-RL run.")
     parser.add_argument("--prompts_per_step", type=int, help="Prompts per RL step (both arms).")
@@ -104,8 +114,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_decodes_per_latent", type=int, help="M: answers per latent; GRPO samples N x M.")
     parser.add_argument("--grpo_learning_rate", type=float)
     parser.add_argument("--ladirl_learning_rate", type=float)
-    parser.add_argument("--latent_policy_parameters", nargs="+", default=["velocity_head", "denoiser_adapter"],
-                        help="One LaDi-RL run (and evaluated model) per value, all from the same LaDiR start.")
+    parser.add_argument("--latent_policy_parameters", nargs="+", default=["denoiser_adapter"],
+                        help="One LaDi-RL run (and evaluated model) per value, all from the same LaDiR start "
+                             "('velocity_head' needs --velocity_parameterization direct: a token posterior has no head).")
     parser.add_argument("--sde_noise_level", type=float, default=0.7)
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature of every model.")
     parser.add_argument("--max_new_tokens", type=int, help="Of the text models' worked solutions.")

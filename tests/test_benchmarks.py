@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-MODELS = ["base", "text SFT", "GRPO", "LaDiR", "LaDi-RL (velocity_head)", "LaDi-RL (denoiser_adapter)"]
+MODELS = ["base", "text SFT", "GRPO", "LaDiR", "LaDi-RL (denoiser_adapter)"]
 
 
 def run_benchmark(script, *argv, cwd):
@@ -55,8 +55,13 @@ def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
     config = json.loads(result.stdout)
     assert config["model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct" and config["num_test_examples"] >= 256
     assert config["num_samples"] == 16
-    result = run_reproduce("--preset", "cpu", "--rl_steps", "3", "--print_config", cwd=tmp_path)
-    assert json.loads(result.stdout)["rl_steps"] == 3  # a flag overrides its preset
+    # arm B starts from the main job's LaDiR recipe, which has no velocity head to train
+    assert config["velocity_parameterization"] == "token_posterior" and config["token_aligned_latents"]
+    assert config["latent_policy_parameters"] == ["denoiser_adapter"]
+    result = run_reproduce("--preset", "cpu", "--rl_steps", "3", "--no-token_aligned_latents", "--print_config",
+                           cwd=tmp_path)
+    config = json.loads(result.stdout)
+    assert config["rl_steps"] == 3 and not config["token_aligned_latents"]  # a flag overrides its preset
     result = run_reproduce("--preset", "tiny", "--num_samples", "3", cwd=tmp_path)
     assert result.returncode != 0 and "must be a multiple of --num_decodes_per_latent" in result.stderr
     assert not (tmp_path / "outputs").exists()  # refused before anything was written

@@ -274,6 +274,20 @@ def test_reasoner_collator_formats_prompts_like_the_sampler(conversational):
     assert torch.equal(truncated["prompt_ids"], expected_ids[:, -3:])
 
 
+def test_reasoner_collator_batches_slot_tokens_without_latents():
+    """A token-posterior model's rows carry their slot tokens only (it reads its codebook): the blocks are counted
+    from those, and padding blocks hold eos."""
+    tokenizer = make_tokenizer()
+    examples = [
+        {"prompt": "what is 1 + 2 ?", "answer_ids": [5, 1], "slot_token_ids": torch.tensor([[4, 5], [6, 1]])},
+        {"prompt": "what is 3 ?", "answer_ids": [6, 1], "slot_token_ids": torch.tensor([[7, 1]])},
+    ]
+    batch = DataCollatorForLatentReasoner(tokenizer)(examples)
+    assert "latents" not in batch
+    assert batch["block_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["slot_token_ids"].tolist() == [[[4, 5], [6, 1]], [[7, 1], [tokenizer.eos_token_id] * 2]]
+
+
 @pytest.mark.statistical
 def test_token_substitution_replaces_about_the_configured_fraction(small_model, tmp_path, statistical_seed, margin):
     model, tokenizer = small_model

@@ -1184,7 +1184,7 @@ class LaDiRModel(PreTrainedModel):
 
         A token-posterior denoiser has nothing to learn but the slot priors, read off the (causal) clean blocks: slot
         ``j`` is predicted from the true slots before it, as text SFT predicts the next token. Its blocks are the slot
-        tokens' codebook latents, which is what its sampler writes (``latents`` is not read). No noise, no flow loss
+        tokens' codebook latents, which is what its sampler writes (``latents`` is not read: pass ``None``). No noise, no flow loss
         (and no ``flow_loss`` in the metrics); ``prompt_dropout`` does not apply (no guidance for it).
         """
         parameterization = self.config.velocity_parameterization
@@ -1200,12 +1200,12 @@ class LaDiRModel(PreTrainedModel):
                 "clean prefixes: there is no rollout stage for it. Use stage='reasoner'."
             )
         batch, num_blocks = block_mask.shape
-        device = latents.device
+        device = block_mask.device
         real_blocks = block_mask.float()
         if parameterization == "token_posterior":
             # the sampler's blocks are codebook rows, one token per slot: the reasoner reads those (not the encoder's
             # latents, which also carry context), and slot j's prior comes off the causal clean blocks
-            latents = self.latent_codebook()[slot_token_ids].to(latents.dtype)
+            latents = self.latent_codebook()[slot_token_ids]
             outputs = self._packed_forward(
                 prompt_ids, prompt_mask, latents, block_mask, answer_ids=answer_ids, answer_mask=answer_mask,
                 clean_slot_logits=True,
@@ -1213,6 +1213,10 @@ class LaDiRModel(PreTrainedModel):
             outputs["slot_logits"] = outputs.pop("clean_slot_logits")
             loss, metrics = 0.0, {}
         else:
+            if latents is None:
+                raise ValueError(
+                    f"A '{parameterization}' reasoner trains on the VAE's latents: pass `latents` (B, blocks, L, D)."
+                )
             outputs, flow_loss = self._flow_matching_outputs(
                 prompt_ids, prompt_mask, latents, block_mask, answer_ids, answer_mask, prompt_dropout,
                 rollout_denoise_steps, timestep_shift,

@@ -9,7 +9,8 @@ sentences, one latent block each.
   measured on training sentences and written into the model config, so the reasoner sees unit-variance latents.
 * `stage="reasoner"` trains the diffusion reasoner (reasoner adapter and heads) with teacher forcing: every row's
   blocks are encoded once before training (`scaling_factor * mu`, no gradient), then each step scores flow matching
-  on those latents, the answer tokens after them, and the stop head ("another block" or "answer").
+  on those latents, the answer tokens after them, and the stop head ("another block" or "answer"). A token posterior
+  (`velocity_parameterization="token_posterior"`) reads its slot tokens' codebook latents instead: no encoder pass.
 """
 
 import contextlib
@@ -67,7 +68,8 @@ class DataCollatorForSentenceVAE:
 
 @dataclass
 class DataCollatorForLatentReasoner:
-    """Batches traces for the reasoner stage: prompt, the encoded latent blocks, and the answer.
+    """Batches traces for the reasoner stage: prompt, the encoded latent blocks (a token-posterior model's rows have
+    only their slot tokens), and the answer.
 
     Prompts are tokenized here with `tokenize_prompts`, exactly as the sampler tokenizes them (chat template with a
     generation prompt for conversations), and left-padded; the blocks of a batch are zero-padded to its longest trace
@@ -81,22 +83,19 @@ class DataCollatorForLatentReasoner:
         prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, [example["prompt"] for example in examples])
         if self.max_prompt_length is not None:  # keep the end: the question and the generation prompt
             prompt_ids, prompt_mask = prompt_ids[:, -self.max_prompt_length :], prompt_mask[:, -self.max_prompt_length :]
-        latents = [torch.as_tensor(example["latents"], dtype=torch.float32) for example in examples]
-        block_mask = pad([torch.ones(len(blocks), dtype=torch.long) for blocks in latents], 0)
         answer_ids, answer_mask = _pad_token_lists(
             [list(example["answer_ids"]) for example in examples], self.tokenizer.pad_token_id, "right"
         )
-        batch = {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "latents": pad(latents, 0.0),
-            "block_mask": block_mask,
-            "answer_ids": answer_ids,
-            "answer_mask": answer_mask,
-        }
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "answer_ids": answer_ids, "answer_mask": answer_mask}
+        blocks = None
+        if "latents" in examples[0]:  # a token-posterior model's rows have none: it reads its codebook
+            blocks = [torch.as_tensor(example["latents"], dtype=torch.float32) for example in examples]
+            batch["latents"] = pad(blocks, 0.0)
         if "slot_token_ids" in examples[0]:  # token-aligned models: each slot's token (padding blocks are masked)
             slot_ids = [torch.as_tensor(example["slot_token_ids"], dtype=torch.long) for example in examples]
             batch["slot_token_ids"] = pad(slot_ids, self.tokenizer.eos_token_id)
+            blocks = blocks or slot_ids
+        batch["block_mask"] = pad([torch.ones(len(row), dtype=torch.long) for row in blocks], 0)
         return batch
 
 
@@ -215,23 +214,27 @@ class LaDiRSFTTrainer(Trainer):
         if args.stage == "vae":
             return datasets.Dataset.from_dict({"sentence_ids": flat_ids})
 
-        with full_parameters(model):
-            block_latents = model.config.latent_scaling_factor * encode_sentences(
-                model, flat_ids, tokenizer.pad_token_id, args.per_device_eval_batch_size
-            )
         blocks_per_row = [len(row) for row in sentences]
-        per_row_latents = block_latents.split(blocks_per_row)
         answer_texts = [args.answer_template.format(answer=answer) for answer in dataset["answer"]]
         answer_ids = [
             ids[: args.max_answer_length - 1] + [tokenizer.eos_token_id]
             for ids in tokenizer(answer_texts, add_special_tokens=False)["input_ids"]
         ]
-        columns = {"prompt": dataset["prompt"], "answer_ids": answer_ids, "latents": [row.numpy() for row in per_row_latents]}
+        columns = {"prompt": dataset["prompt"], "answer_ids": answer_ids}
         if model.config.token_aligned_latents:
             # what each slot holds: the sentence's tokens, then eos (the token-readout velocity learns to predict them)
             num_slots = model.config.latent_tokens_per_block
             slot_ids = torch.tensor([ids + [tokenizer.eos_token_id] * (num_slots - len(ids)) for ids in flat_ids])
             columns["slot_token_ids"] = [row.numpy() for row in slot_ids.split(blocks_per_row)]
+        if model.config.velocity_parameterization == "token_posterior":
+            # its reasoner reads the slot tokens' codebook latents, never the encoder's: no encoder pass (measured: the
+            # pass over 2048 problems took ~4 min on 2 cores, longer than the stage's own training budget)
+            return datasets.Dataset.from_dict(columns)
+        with full_parameters(model):
+            block_latents = model.config.latent_scaling_factor * encode_sentences(
+                model, flat_ids, tokenizer.pad_token_id, args.per_device_eval_batch_size
+            )
+        columns["latents"] = [row.numpy() for row in block_latents.split(blocks_per_row)]
         prepared = datasets.Dataset.from_dict(columns)
         return prepared.with_format("torch", columns=["latents"], output_all_columns=True)
 
@@ -251,6 +254,7 @@ class LaDiRSFTTrainer(Trainer):
         else:
             outputs = model(
                 task="reasoner",
+                latents=inputs.pop("latents", None),  # a token-posterior model's batches have none
                 **inputs,
                 flow_weight=args.flow_weight,
                 answer_weight=args.answer_weight,
