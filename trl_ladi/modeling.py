@@ -1184,8 +1184,8 @@ class LaDiRModel(PreTrainedModel):
 
         A token-posterior denoiser has nothing to learn but the slot priors, read off the (causal) clean blocks: slot
         ``j`` is predicted from the true slots before it, as text SFT predicts the next token. Its blocks are the slot
-        tokens' codebook latents, which is what its sampler writes (``latents`` is not read: pass ``None``). No noise, no flow loss
-        (and no ``flow_loss`` in the metrics); ``prompt_dropout`` does not apply (no guidance for it).
+        tokens' codebook latents, which is what its sampler writes (``latents`` is not read: pass ``None``). No noise,
+        no flow loss (and no ``flow_loss`` in the metrics); ``prompt_dropout`` does not apply (no guidance for it).
         """
         parameterization = self.config.velocity_parameterization
         token_readout = parameterization in ("token_readout", "token_posterior")

@@ -94,7 +94,8 @@ class DataCollatorForLatentReasoner:
         if "slot_token_ids" in examples[0]:  # token-aligned models: each slot's token (padding blocks are masked)
             slot_ids = [torch.as_tensor(example["slot_token_ids"], dtype=torch.long) for example in examples]
             batch["slot_token_ids"] = pad(slot_ids, self.tokenizer.eos_token_id)
-            blocks = blocks or slot_ids
+            if blocks is None:
+                blocks = slot_ids
         batch["block_mask"] = pad([torch.ones(len(row), dtype=torch.long) for row in blocks], 0)
         return batch
 
