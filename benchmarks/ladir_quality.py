@@ -123,7 +123,7 @@ def train_ladir(args, base, tokenizer, train):
             stage=stage,
             max_steps=1_000_000,  # the wall-clock budget stops it
             per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=64,  # the reasoner stage encodes every training sentence before it starts
+            per_device_eval_batch_size=64,  # the reasoner stage's encoder pass (none for a token posterior)
             learning_rate=learning_rate,
             lr_scheduler_type="constant_with_warmup",
             warmup_steps=10,

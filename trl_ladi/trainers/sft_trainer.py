@@ -158,7 +158,7 @@ class LaDiRSFTTrainer(Trainer):
                     "(LaDiRSFTConfig(stage='vae')), which sets it so the reasoner sees unit-variance latents.",
                     stacklevel=2,
                 )
-            # the encoder runs once over the whole dataset here, on the device training will use
+            # the encoder runs once over the whole dataset here (a token posterior skips it), on the training device
             model.to(args.device)
             data_collator = DataCollatorForLatentReasoner(processing_class, args.max_prompt_length)
 
