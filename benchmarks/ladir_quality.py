@@ -12,8 +12,14 @@ stage). Then, on `--num_test_examples` held-out problems:
     of target tokens the greedy decode gets right at their position);
 (b) oracle latents: answer accuracy (greedy) when the reasoner reads the encoder's latents of the true reasoning;
     with token-aligned latents also the denoiser's one-step reading of each true block from noise level t;
+(b3) a token posterior: the reasoner's greedy next-slot prediction from the true prefix (its training task), as
+    token accuracy and sentences exact;
 (c) the LaDiR model with latents it samples itself (SDE, as the RL rollouts sample): pass@1..k;
-(d) the text-SFT model: pass@1..k with the same number of samples per problem.
+(c2) a token posterior: the share of sampled traces whose blocks are all the true sentences, the answer accuracy of
+    those and of the others, and the block where the others first go wrong;
+(d) the text-SFT model: pass@1..k with the same number of samples per problem;
+(d2) its greedy next-token prediction from the true prefix, scored as (b3): where (b3) and (d2) agree, the two recipes
+    learnt the sentences equally well and a pass@k gap comes from how they sample.
 
 Writes `<output_dir>/ladir_quality.json` and `ladir_quality.png`.
 """
@@ -258,6 +264,113 @@ def denoiser_slot_accuracy(model, tokenizer, test, output_dir, noise_levels=(0.3
             "num_blocks": hits[noise_levels[0]][3]}
 
 
+@torch.no_grad()
+def slot_prediction_accuracy(model, tokenizer, test, output_dir, batch_size=8):
+    """(b3), token posterior: the reasoner's greedy prediction of each slot's token from the true slots before it (the
+    task its stage trains), scored on the sentences' tokens: token accuracy, and the share of blocks with every token
+    right; the end of a sentence (its first empty slot) is scored apart. `text_sft_token_accuracy` is the same
+    measurement on the text-SFT model: the two say whether the recipes learnt the sentences equally well, apart from
+    how each samples."""
+    if model.config.velocity_parameterization != "token_posterior":
+        raise ValueError("slot_prediction_accuracy reads a token posterior's slot priors; this model has "
+                         f"velocity_parameterization={model.config.velocity_parameterization!r}.")
+    args = LaDiRSFTConfig(output_dir=output_dir, stage="reasoner", answer_template=ANSWER_TEMPLATE, max_answer_length=16,
+                          report_to="none", use_cpu=model.device.type == "cpu")
+    rows = LaDiRSFTTrainer._prepare_dataset(test, model, tokenizer, args)
+    collate = DataCollatorForLatentReasoner(tokenizer)
+    codebook = model.latent_codebook()
+    token_hits = token_total = exact_blocks = end_hits = end_total = num_blocks = 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]).items()}
+        block_mask, slot_ids = batch["block_mask"].bool(), batch["slot_token_ids"]
+        logits = model._packed_forward(batch["prompt_ids"], batch["prompt_mask"], codebook[slot_ids], block_mask,
+                                       clean_slot_logits=True)["clean_slot_logits"]
+        right = (logits.argmax(-1) == slot_ids)[block_mask]  # (blocks, L)
+        is_eos = (slot_ids == tokenizer.eos_token_id)[block_mask]
+        is_token = ~is_eos
+        is_end = is_eos & (is_eos.cumsum(-1) == 1)  # the first empty slot
+        token_hits += int((right & is_token).sum())
+        token_total += int(is_token.sum())
+        exact_blocks += int((right | ~is_token).all(-1).sum())
+        end_hits += int((right & is_end).sum())
+        end_total += int(is_end.sum())
+        num_blocks += len(right)
+    return {"token_accuracy": token_hits / max(token_total, 1), "sentence_exact_match": exact_blocks / max(num_blocks, 1),
+            "end_of_sentence_accuracy": end_hits / max(end_total, 1), "num_sentences": num_blocks}
+
+
+@torch.no_grad()
+def text_sft_token_accuracy(model, tokenizer, test, answer_template=ANSWER_TEMPLATE):
+    """(d2): the text-SFT model's greedy next-token prediction over the true worked solution, written as
+    `trl_ladi.baselines.text_sft_dataset` writes it (`prompt`, newline, reasoning, newline, answer), scored on the
+    reasoning sentences' tokens: token accuracy, and the share of sentences with every token right. Plain-text prompts
+    (the benchmark's); a token belongs to the sentence its first character is in."""
+    device = next(model.parameters()).device
+    token_hits = token_total = exact = num_sentences = 0
+    for row in test:
+        if not isinstance(row["prompt"], str):
+            raise ValueError("text_sft_token_accuracy scores plain-text prompts; load the data with conversational=False.")
+        reasoning = row["reasoning"]
+        text = f"{row['prompt']}\n{reasoning}\n{answer_template.format(answer=row['answer'])}"
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([encoding["input_ids"]], device=device)
+        predicted = model(ids).logits[0, :-1].argmax(-1).tolist()
+        starts = [begin for begin, _ in encoding["offset_mapping"]]
+        cursor = len(row["prompt"]) + 1  # where the reasoning starts
+        for sentence in split_reasoning_into_sentences(reasoning):
+            begin = text.index(sentence, cursor)
+            cursor = begin + len(sentence)
+            positions = [i for i in range(1, len(starts)) if begin <= starts[i] < cursor]
+            hits = [predicted[i - 1] == encoding["input_ids"][i] for i in positions]
+            token_hits += sum(hits)
+            token_total += len(hits)
+            exact += all(hits)
+            num_sentences += 1
+    return {"token_accuracy": token_hits / max(token_total, 1), "sentence_exact_match": exact / max(num_sentences, 1),
+            "num_sentences": num_sentences}
+
+
+@torch.no_grad()
+def sampled_block_breakdown(model, tokenizer, test, num_latents=4, batch_size=8, seed=0, **sampling_kwargs):
+    """(c2), token posterior: where sampled traces go wrong. Each trace's blocks are read back as their slot tokens
+    (`nearest_codebook_tokens`, exact for a token posterior) and compared with the true sentences' tokens. Returns the
+    share of traces whose blocks are all right (and as many as the true sentences), the answer accuracy of those and
+    of the others, and how many traces first go wrong at each block. `sampling_kwargs` go to
+    `LaDiRPipeline.sample_answers` (as in the pass@k evaluation; one decode per latent)."""
+    if model.config.velocity_parameterization != "token_posterior":
+        raise ValueError("sampled_block_breakdown reads blocks as slot tokens, which needs a token posterior.")
+    pipeline = LaDiRPipeline(model, tokenizer)
+    num_slots, eos = model.config.latent_tokens_per_block, tokenizer.eos_token_id
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    counts = {"traces": 0, "blocks_right": 0, "answer_right_blocks_right": 0, "answer_right_blocks_wrong": 0}
+    first_wrong_block = [0] * model.config.max_blocks
+    for start in range(0, len(test), batch_size):
+        rows = [test[i] for i in range(start, min(start + batch_size, len(test)))]
+        out = pipeline.sample_answers([row["prompt"] for row in rows], num_latents=num_latents, generator=generator,
+                                      **sampling_kwargs)
+        read = model.nearest_codebook_tokens(out.latents).tolist()  # (R, Bm, L)
+        answers = [extract_final_answer(text) or text.strip() for text in out.texts]
+        for trace, (blocks, used, answer) in enumerate(zip(read, out.trace.num_blocks.tolist(), answers)):
+            row = rows[trace // num_latents]
+            sentences = split_reasoning_into_sentences(row["reasoning"], max_sentences=model.config.max_blocks)
+            ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+            truth = [s[:num_slots] + [eos] * (num_slots - len(s[:num_slots])) for s in ids]
+            wrong = [b for b in range(max(used, len(truth))) if b >= used or b >= len(truth) or blocks[b] != truth[b]]
+            answer_right = math_accuracy_reward(completions=[answer], answer=[row["answer"]])[0] >= 1.0
+            counts["traces"] += 1
+            if wrong:
+                first_wrong_block[min(wrong[0], len(first_wrong_block) - 1)] += 1
+                counts["answer_right_blocks_wrong"] += answer_right
+            else:
+                counts["blocks_right"] += 1
+                counts["answer_right_blocks_right"] += answer_right
+    right, traces = counts["blocks_right"], counts["traces"]
+    return {"num_traces": traces, "blocks_right": right / traces,
+            "answer_accuracy_when_blocks_right": counts["answer_right_blocks_right"] / max(right, 1),
+            "answer_accuracy_when_blocks_wrong": counts["answer_right_blocks_wrong"] / max(traces - right, 1),
+            "first_wrong_block": first_wrong_block}
+
+
 def without_per_problem(result):
     return {key: value for key, value in result.items() if key != "per_problem"}
 
@@ -303,6 +416,7 @@ def main():
                                     answer_fn=answer_fn)
         report["timings"]["text_sft_eval_s"] = time.perf_counter() - start
         report["text_sft"] = without_per_problem(result)
+        report["text_sft"]["teacher_forced"] = text_sft_token_accuracy(sft_model, tokenizer, test)
         del sft_model
 
     # the LaDiR recipe at the same budget
@@ -316,11 +430,16 @@ def main():
     report["oracle_latents"] = oracle_latent_accuracy(model, tokenizer, test)
     if model.config.token_aligned_latents:
         report["denoiser"] = denoiser_slot_accuracy(model, tokenizer, test, args.output_dir)
+    sampling_kwargs = dict(num_denoise_steps=args.num_denoise_steps, sde_noise_level=args.sde_noise_level,
+                           temperature=args.temperature, max_new_tokens=16)
+    if model.config.velocity_parameterization == "token_posterior":
+        report["slot_prediction"] = slot_prediction_accuracy(model, tokenizer, test, args.output_dir)
+        report["sampled_blocks"] = sampled_block_breakdown(
+            model, tokenizer, test, num_latents=args.num_samples // args.num_decodes_per_latent, seed=args.seed,
+            **sampling_kwargs,
+        )
     set_seed(args.seed)
-    generate_fn = ladir_generate_fn(
-        model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent, num_denoise_steps=args.num_denoise_steps,
-        sde_noise_level=args.sde_noise_level, temperature=args.temperature, max_new_tokens=16,
-    )
+    generate_fn = ladir_generate_fn(model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent, **sampling_kwargs)
     result = evaluate_pass_at_k(generate_fn, test, math_accuracy_reward, ks=ks, num_samples=args.num_samples,
                                 answer_fn=answer_fn)
     report["ladir"] = without_per_problem(result)
@@ -340,8 +459,21 @@ def main():
     if "denoiser" in report:
         for t, accuracy, exact in zip(*(report["denoiser"][k] for k in ("noise_levels", "token_accuracy", "block_exact_match"))):
             print(f"    denoiser from noise t={t}: token accuracy {accuracy:.3f}, block exact {exact:.3f}")
+    if "slot_prediction" in report:
+        slots = report["slot_prediction"]
+        print(f"(b3) next-slot prediction from the true prefix: token accuracy {slots['token_accuracy']:.3f}, sentences "
+              f"exact {slots['sentence_exact_match']:.3f}, end of sentence {slots['end_of_sentence_accuracy']:.3f}")
     print(f"(c) LaDiR pass@k {report['ladir']['pass_at_k']}")
+    if "sampled_blocks" in report:
+        blocks = report["sampled_blocks"]
+        print(f"(c2) sampled traces with every block right {blocks['blocks_right']:.3f} (answer accuracy "
+              f"{blocks['answer_accuracy_when_blocks_right']:.3f}; otherwise {blocks['answer_accuracy_when_blocks_wrong']:.3f}); "
+              f"first wrong block: {blocks['first_wrong_block']}")
     print(f"(d) text SFT pass@k {report['text_sft']['pass_at_k']}")
+    if "teacher_forced" in report["text_sft"]:
+        tokens = report["text_sft"]["teacher_forced"]
+        print(f"(d2) text SFT next-token prediction from the true prefix: token accuracy {tokens['token_accuracy']:.3f}, "
+              f"sentences exact {tokens['sentence_exact_match']:.3f}")
     print(f"Wrote {json_path} and {png_path}")
 
 

@@ -17,6 +17,7 @@ from test_sft_trainer import (
     unchanged,
 )
 
+from trl_ladi.data import split_reasoning_into_sentences
 from trl_ladi.modeling import REASONER_ADAPTER, tokenize_prompts
 from trl_ladi.testing import make_tokenizer, tiny_ladir_model
 from trl_ladi.trainers import LaDiRSFTTrainer
@@ -128,6 +129,56 @@ def test_the_reasoner_starts_reading_latent_slots_as_the_embeddings_the_encoder_
 
     assert error(reasoner_read) <= 1.01 * error(best) + 1e-6, (error(reasoner_read), error(best))
     assert error(reasoner_read) < 0.5 * error(decoder_read), (error(reasoner_read), error(decoder_read))
+
+
+@pytest.mark.parametrize("velocity_parameterization", ["token_posterior", "token_readout"])
+def test_the_vae_stage_keeps_a_token_posteriors_codebook(velocity_parameterization, tmp_path):
+    """A token posterior's reasoner reads the codebook rows, so its VAE stage trains the encoder and decoder around a
+    codebook it leaves as the principal components set it; other models' VAE stages train the projection too."""
+    tokenizer = make_tokenizer()
+    model = token_aligned_model(tokenizer, velocity_parameterization=velocity_parameterization, vae_decoder_lora_rank=8)
+    trainer = LaDiRSFTTrainer(
+        model=model, args=sft_config(tmp_path, "vae", max_steps=5, per_device_train_batch_size=8),
+        train_dataset=datasets.Dataset.from_dict(chain_rows()), processing_class=tokenizer,
+    )
+    codebook = snapshot([model.empty_slot_embedding, *model.token_projection.parameters()])  # after the PCA start
+    encoder_head = snapshot(model.latent_mean_head.parameters())
+    trainer.train()
+    assert not unchanged(encoder_head, model.latent_mean_head.parameters())
+    kept = unchanged(codebook, [model.empty_slot_embedding, *model.token_projection.parameters()])
+    assert kept == (velocity_parameterization == "token_posterior")
+
+
+def test_a_token_posterior_reasoner_starts_reading_codebook_rows_as_the_token_embeddings(trained_vae):
+    """A token posterior's reasoner reads each slot token's codebook row, not the encoder's latent: its input map is
+    fitted on those rows (checked against torch's least squares), where the map fitted on the latents misreads them
+    (the encoder's contextual part, which the codebook lacks, moved during the VAE stage)."""
+    model = copy.deepcopy(trained_vae["model"])
+    model.config.velocity_parameterization = "token_posterior"
+    trainer, tokenizer = trained_vae["trainer"], trained_vae["tokenizer"]
+    sample = trainer._scaling_sample()
+    ids, mask = _pad_token_lists(sample, tokenizer.pad_token_id, "left")
+    num_slots, eos = model.config.latent_tokens_per_block, model._eos_token_id()
+    slot_ids = torch.tensor([s[:num_slots] + [eos] * (num_slots - len(s[:num_slots])) for s in sample])
+    with torch.no_grad():
+        mu = model.encode(ids, mask)[0]
+        weight, bias = trainer._fit_reasoner_input(model, sample, mu)
+        targets = model.token_aligned_slot_embeddings(ids, mask).flatten(0, 1).double()
+        rows = model.latent_codebook()[slot_ids].flatten(0, 1).double()
+    ones = torch.ones(len(rows), 1, dtype=torch.double)
+    read = rows @ weight.double().T + bias.double()
+    best = torch.cat([rows, ones], 1) @ torch.linalg.lstsq(torch.cat([rows, ones], 1), targets).solution
+    latents = model.config.latent_scaling_factor * mu.flatten(0, 1).double()
+    map_of_latents = torch.linalg.lstsq(torch.cat([latents, ones], 1), targets).solution
+    read_by_map_of_latents = torch.cat([rows, ones], 1) @ map_of_latents
+
+    def error(read):
+        return ((read - targets).norm() / targets.norm()).item()
+
+    # seeds 0-2: 0.039 / 0.034 / 0.050 against the unridged optimum's 0.039 / 0.033 / 0.049 (the ridge costs up to 2%),
+    # and 0.36 / 0.52 / - read through the map of the latents
+    assert error(read) <= 1.05 * error(best) + 1e-6, (error(read), error(best))
+    assert error(read) < 0.5 * error(read_by_map_of_latents), (error(read), error(read_by_map_of_latents))
 
 
 # ---------------------------------------------------------------------- the token-readout velocity
@@ -266,3 +317,78 @@ def test_latent_blocks_read_back_as_the_tokens_of_their_codebook_rows():
     latents = model.latent_codebook()[slot_ids]
     latents = latents + 1e-4 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     assert model.read_latent_tokens(latents, tokenizer) == [tokenizer.decode(ids) for ids in sentences]
+
+
+def _ladir_quality():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ladir_quality
+
+    return ladir_quality
+
+
+class NextTokenOracle(torch.nn.Module):
+    """A stand-in causal LM that predicts the true next token of whatever it reads, except `wrong_token`: where that
+    comes next it predicts token 0 instead."""
+
+    def __init__(self, vocab_size: int, wrong_token: int):
+        super().__init__()
+        self.vocab_size, self.wrong_token = vocab_size, wrong_token
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the scorer a device
+
+    def forward(self, input_ids):
+        targets = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        targets = torch.where(targets == self.wrong_token, torch.zeros_like(targets), targets)
+        logits = torch.nn.functional.one_hot(targets, self.vocab_size).float()
+        return type("Output", (), {"logits": logits})()
+
+
+def test_the_text_sft_scorer_counts_the_reasoning_tokens_it_predicts():
+    """benchmarks/ladir_quality.py's (d2) scores only the reasoning sentences' tokens: with a model wrong exactly where
+    `9` comes next, the token accuracy and sentence exact match are those counted from the sentences themselves."""
+    tokenizer = make_tokenizer()
+    rows = chain_rows()
+    plain = datasets.Dataset.from_dict({**rows, "prompt": [prompt[0]["content"] for prompt in rows["prompt"]]})
+    plain = plain.select(range(0, 81, 5))
+    nine = tokenizer.convert_tokens_to_ids("9")
+    model = NextTokenOracle(len(tokenizer), wrong_token=nine)
+    report = _ladir_quality().text_sft_token_accuracy(model, tokenizer, plain)
+
+    sentences = [s for row in plain for s in split_reasoning_into_sentences(row["reasoning"])]
+    ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in sentences]
+    total, nines = sum(map(len, ids)), sum(s.count(nine) for s in ids)
+    assert 0 < nines < total  # the prompts and answers hold 9s too: they must not count
+    assert report["num_sentences"] == len(sentences) == 2 * len(plain)
+    assert report["token_accuracy"] == pytest.approx(1 - nines / total)
+    assert report["sentence_exact_match"] == pytest.approx(sum(nine not in s for s in ids) / len(ids))
+
+    with pytest.raises(ValueError, match="conversational=False"):
+        _ladir_quality().text_sft_token_accuracy(model, tokenizer, datasets.Dataset.from_dict(rows).select([0]))
+
+
+@pytest.mark.statistical
+def test_the_token_posterior_reports_slot_prediction_and_where_sampled_blocks_go_wrong(
+    token_posterior_reasoner, trained_vae, tmp_path, margin
+):
+    """(b3) and (c2) of benchmarks/ladir_quality.py on a tiny trained token posterior: its stage raises next-slot
+    accuracy from the true prefix above the untrained reasoner's, and the breakdown of sampled traces adds up."""
+    quality = _ladir_quality()
+    tokenizer = trained_vae["tokenizer"]
+    rows = datasets.Dataset.from_dict(chain_rows()).select(range(0, 81, 4))
+    untrained = copy.deepcopy(trained_vae["model"])
+    untrained.config.velocity_parameterization = "token_posterior"
+    trained = token_posterior_reasoner["trainer"].model.eval()
+    before = quality.slot_prediction_accuracy(untrained, tokenizer, rows, str(tmp_path))
+    after = quality.slot_prediction_accuracy(trained, tokenizer, rows, str(tmp_path))
+    assert after["num_sentences"] == 2 * len(rows)
+    assert all(0 <= after[key] <= 1 for key in ("token_accuracy", "sentence_exact_match", "end_of_sentence_accuracy"))
+    assert after["sentence_exact_match"] <= after["token_accuracy"] + 1e-9
+    margin.check("trained minus untrained next-slot token accuracy", after["token_accuracy"] - before["token_accuracy"],
+                 0.2, ">", context=(before, after))
+
+    breakdown = quality.sampled_block_breakdown(trained, tokenizer, rows, num_latents=2, num_denoise_steps=4,
+                                                temperature=0.0, max_new_tokens=8)
+    assert breakdown["num_traces"] == 2 * len(rows)
+    wrong = round((1 - breakdown["blocks_right"]) * breakdown["num_traces"])
+    assert sum(breakdown["first_wrong_block"]) == wrong
+    with pytest.raises(ValueError, match="token posterior"):
+        quality.slot_prediction_accuracy(trained_vae["model"], tokenizer, rows, str(tmp_path))

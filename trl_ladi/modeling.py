@@ -691,12 +691,17 @@ class LaDiRModel(PreTrainedModel):
 
     def vae_parameters(self) -> list[nn.Parameter]:
         """What the VAE stage trains: encoder adapter, query tokens (or the token-aligned encoder's projection and
-        empty slot), mu/logvar heads, the decoder's input map and the decoder's adapter when it has one."""
+        empty slot), mu/logvar heads, the decoder's input map and the decoder's adapter when it has one.
+
+        A token posterior's codebook (`latent_codebook`: the projection and the empty slot) stays as
+        `init_token_aligned_maps` set it: its reasoner reads the codebook rows, and a VAE stage that moved them cost
+        its reasoner a quarter of its exact sentences (SmolLM2-135M, 30 VAE steps; docs/sft.md)."""
         heads = [self.vae_marker_embedding]
         modules = [self.latent_mean_head, self.latent_logvar_head, self.vae_latent_in]
         if self.config.token_aligned_latents:
-            heads.append(self.empty_slot_embedding)
-            modules.append(self.token_projection)
+            if self.config.velocity_parameterization != "token_posterior":
+                heads.append(self.empty_slot_embedding)
+                modules.append(self.token_projection)
         else:
             heads.append(self.query_embeddings)
         for module in modules:
