@@ -44,7 +44,7 @@ from trl_ladi.evaluation import causal_lm_generate_fn, evaluate_pass_at_k, ladir
 from trl_ladi.modeling import tokenize_prompts
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
-from trl_ladi.trainers.sft_trainer import DataCollatorForLatentReasoner, encode_sentences
+from trl_ladi.trainers.sft_trainer import DataCollatorForLatentReasoner, encode_sentences, slot_token_ids
 
 ANSWER_TEMPLATE = "#### {answer}"
 
@@ -192,9 +192,8 @@ def oracle_latent_accuracy(model, tokenizer, test, batch_size=16):
             texts = [s[block] if block < len(s) else s[-1] for s in sentences]
             ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
             if model.config.velocity_parameterization == "token_posterior":
-                slots = model.config.latent_tokens_per_block
-                slot_ids = [s[:slots] + [tokenizer.eos_token_id] * (slots - len(s[:slots])) for s in ids]
-                latents = model.latent_codebook()[torch.tensor(slot_ids, device=model.device)]
+                slot_ids = slot_token_ids(ids, model.config.latent_tokens_per_block, tokenizer.eos_token_id)
+                latents = model.latent_codebook()[slot_ids.to(model.device)]
             else:
                 mu = encode_sentences(model, ids, tokenizer.pad_token_id, len(ids)).to(model.device)
                 latents = model.config.latent_scaling_factor * mu.to(model.dtype)
@@ -340,7 +339,6 @@ def sampled_block_breakdown(model, tokenizer, test, num_latents=4, batch_size=8,
     if model.config.velocity_parameterization != "token_posterior":
         raise ValueError("sampled_block_breakdown reads blocks as slot tokens, which needs a token posterior.")
     pipeline = LaDiRPipeline(model, tokenizer)
-    num_slots, eos = model.config.latent_tokens_per_block, tokenizer.eos_token_id
     generator = torch.Generator(device=model.device).manual_seed(seed)
     counts = {"traces": 0, "blocks_right": 0, "answer_right_blocks_right": 0, "answer_right_blocks_wrong": 0}
     first_wrong_block = [0] * model.config.max_blocks
@@ -354,12 +352,12 @@ def sampled_block_breakdown(model, tokenizer, test, num_latents=4, batch_size=8,
             row = rows[trace // num_latents]
             sentences = split_reasoning_into_sentences(row["reasoning"], max_sentences=model.config.max_blocks)
             ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-            truth = [s[:num_slots] + [eos] * (num_slots - len(s[:num_slots])) for s in ids]
+            truth = slot_token_ids(ids, model.config.latent_tokens_per_block, tokenizer.eos_token_id).tolist()
             wrong = [b for b in range(max(used, len(truth))) if b >= used or b >= len(truth) or blocks[b] != truth[b]]
             answer_right = math_accuracy_reward(completions=[answer], answer=[row["answer"]])[0] >= 1.0
             counts["traces"] += 1
             if wrong:
-                first_wrong_block[min(wrong[0], len(first_wrong_block) - 1)] += 1
+                first_wrong_block[wrong[0]] += 1
                 counts["answer_right_blocks_wrong"] += answer_right
             else:
                 counts["blocks_right"] += 1

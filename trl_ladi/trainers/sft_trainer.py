@@ -47,6 +47,12 @@ def _pad_token_lists(sequences: list[list[int]], pad_token_id: int, padding_side
     return ids, mask
 
 
+def slot_token_ids(sentence_ids: list[list[int]], num_slots: int, eos_token_id: int) -> torch.Tensor:
+    """``(N, num_slots)``: what each token-aligned slot of these sentences holds, the sentence's first ``num_slots``
+    tokens and then eos (the empty slot)."""
+    return torch.tensor([ids[:num_slots] + [eos_token_id] * (num_slots - len(ids[:num_slots])) for ids in sentence_ids])
+
+
 @dataclass
 class DataCollatorForSentenceVAE:
     """Batches single sentences for the VAE stage.
@@ -225,7 +231,7 @@ class LaDiRSFTTrainer(Trainer):
         if model.config.token_aligned_latents:
             # what each slot holds: the sentence's tokens, then eos (the token-readout velocity learns to predict them)
             num_slots = model.config.latent_tokens_per_block
-            slot_ids = torch.tensor([ids + [tokenizer.eos_token_id] * (num_slots - len(ids)) for ids in flat_ids])
+            slot_ids = slot_token_ids(flat_ids, num_slots, tokenizer.eos_token_id)
             columns["slot_token_ids"] = [row.numpy() for row in slot_ids.split(blocks_per_row)]
         if model.config.velocity_parameterization == "token_posterior":
             # its reasoner reads the slot tokens' codebook latents, never the encoder's: no encoder pass (measured: the
@@ -338,8 +344,7 @@ class LaDiRSFTTrainer(Trainer):
             # its blocks are codebook rows, one token per slot (what it trains on and samples), not the encoder's
             # latents: their contextual part, which the codebook lacks, made a map fitted on them read the codebook's
             # digits with 42-90% relative error on SmolLM2-135M after a 75-step VAE stage (docs/sft.md)
-            num_slots, eos = model.config.latent_tokens_per_block, model._eos_token_id()
-            slot_ids = torch.tensor([s[:num_slots] + [eos] * (num_slots - len(s[:num_slots])) for s in sample])
+            slot_ids = slot_token_ids(sample, model.config.latent_tokens_per_block, model._eos_token_id())
             latents = model.latent_codebook()[slot_ids.to(model.device)].flatten(0, 1).cpu().double()
         inputs = torch.cat([latents, torch.ones(len(latents), 1, dtype=latents.dtype)], 1)
         gram = inputs.T @ inputs
