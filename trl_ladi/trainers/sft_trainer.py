@@ -339,13 +339,14 @@ class LaDiRSFTTrainer(Trainer):
         error ``|vae_latent_in(mu) - e| / |e|`` 4.7 over 10k slots, 0.01 with this fit; docs/sft.md)."""
         ids, mask = _pad_token_lists(sample, self.processing_class.pad_token_id, "left")
         targets = model.token_aligned_slot_embeddings(ids.to(model.device), mask.to(model.device))
-        latents = (model.config.latent_scaling_factor * mu).flatten(0, 1).double()
         if model.config.velocity_parameterization == "token_posterior":
             # its blocks are codebook rows, one token per slot (what it trains on and samples), not the encoder's
-            # latents: their contextual part, which the codebook lacks, made a map fitted on them read the codebook's
-            # digits with 42-90% relative error on SmolLM2-135M after a 75-step VAE stage (docs/sft.md)
+            # latents, whose contextual part the codebook lacks (read through a map fitted on the latents, SmolLM2-135M's
+            # digit rows were 42-90% off their embeddings in reproduce run 3's model; docs/sft.md)
             slot_ids = slot_token_ids(sample, model.config.latent_tokens_per_block, model._eos_token_id())
             latents = model.latent_codebook()[slot_ids.to(model.device)].flatten(0, 1).cpu().double()
+        else:
+            latents = (model.config.latent_scaling_factor * mu).flatten(0, 1).double()
         inputs = torch.cat([latents, torch.ones(len(latents), 1, dtype=latents.dtype)], 1)
         gram = inputs.T @ inputs
         ridge = 1e-4 * gram.diagonal().mean()
