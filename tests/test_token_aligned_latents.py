@@ -166,11 +166,11 @@ def test_a_token_posterior_reasoner_starts_reading_codebook_rows_as_the_token_em
         targets = model.token_aligned_slot_embeddings(ids, mask).flatten(0, 1).double()
         rows = model.latent_codebook()[slot_ids].flatten(0, 1).double()
     ones = torch.ones(len(rows), 1, dtype=torch.double)
+    design = torch.cat([rows, ones], 1)
     read = rows @ weight.double().T + bias.double()
-    best = torch.cat([rows, ones], 1) @ torch.linalg.lstsq(torch.cat([rows, ones], 1), targets).solution
+    best = design @ torch.linalg.lstsq(design, targets).solution
     latents = model.config.latent_scaling_factor * mu.flatten(0, 1).double()
-    map_of_latents = torch.linalg.lstsq(torch.cat([latents, ones], 1), targets).solution
-    read_by_map_of_latents = torch.cat([rows, ones], 1) @ map_of_latents
+    read_by_map_of_latents = design @ torch.linalg.lstsq(torch.cat([latents, ones], 1), targets).solution
 
     def error(read):
         return ((read - targets).norm() / targets.norm()).item()
@@ -272,12 +272,9 @@ def test_the_denoiser_report_reads_blocks_back_better_from_less_noise(reasoner, 
     """benchmarks/ladir_quality.py's (b2) on a tiny trained reasoner: the share of each true block's tokens its
     one-step clean estimate recovers, by noise level (a token posterior's rows have no encoder latents: it reads its
     codebook)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from ladir_quality import denoiser_slot_accuracy
-
     model = request.getfixturevalue(reasoner)["trainer"].model.eval()
     rows = datasets.Dataset.from_dict(chain_rows()).select(range(0, 81, 4))
-    report = denoiser_slot_accuracy(model, trained_vae["tokenizer"], rows, str(tmp_path), noise_levels=(0.1, 1.0))
+    report = _ladir_quality().denoiser_slot_accuracy(model, trained_vae["tokenizer"], rows, str(tmp_path), noise_levels=(0.1, 1.0))
     assert report["num_blocks"] == 2 * len(rows)
     low_noise, pure_noise = report["token_accuracy"]
     assert all(0 <= value <= 1 for value in report["token_accuracy"] + report["block_exact_match"])
