@@ -10,6 +10,8 @@ stage). Then, on `--num_test_examples` held-out problems:
 
 (a) VAE: greedy reconstruction of the held-out reasoning sentences from their latent means (exact match, and the share
     of target tokens the greedy decode gets right at their position);
+(a2) a token posterior: the same sentences as the codebook rows its reasoner reads, read back by nearest row (its
+    latents skip the VAE decoder, so (a) is off its path);
 (b) oracle latents: answer accuracy (greedy) when the reasoner reads the encoder's latents of the true reasoning;
     with token-aligned latents also the denoiser's one-step reading of each true block from noise level t;
 (b3) a token posterior: the reasoner's greedy next-slot prediction from the true prefix (its training task), as
@@ -96,7 +98,8 @@ def parse_args():
     add_ladir_recipe_arguments(parser)
     # sampling, as the main job's rollouts
     parser.add_argument("--num_samples", type=int, default=8, help="Answers per problem for pass@k.")
-    parser.add_argument("--num_decodes_per_latent", type=int, default=2)
+    parser.add_argument("--num_decodes_per_latent", type=int, default=1,
+                        help="Answers per sampled latent (1: independent samples, as pass@k's estimator assumes).")
     parser.add_argument("--sde_noise_level", type=float, default=0.7)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Of the text-SFT model's worked solutions.")
@@ -173,6 +176,26 @@ def vae_reconstruction(model, tokenizer, sentences, batch_size=32):
                 examples.append({"sentence": sentence, "decoded": text.strip()})
     return {"exact_match": exact / len(sentences), "token_accuracy": token_hits / token_total,
             "num_sentences": len(sentences), "examples": examples}
+
+
+@torch.no_grad()
+def codebook_round_trip(model, tokenizer, sentences, batch_size=64):
+    """(a2) a token posterior: each sentence as the codebook rows of its slot tokens (the blocks its reasoner trains on
+    and samples; no encoder, no decoder), read back as each slot's nearest codebook row over the whole vocabulary.
+    Exact match per sentence (one longer than the block never is), and the share of slots (the sentence's tokens and
+    its empty slots) read back right."""
+    codebook = model.latent_codebook()
+    exact, slot_hits, slot_total = 0, 0, 0
+    for start in range(0, len(sentences), batch_size):
+        ids = tokenizer(sentences[start : start + batch_size], add_special_tokens=False)["input_ids"]
+        slots = slot_token_ids(ids, model.config.latent_tokens_per_block, model._eos_token_id()).to(model.device)
+        hits = model.nearest_codebook_tokens(codebook[slots], codebook) == slots
+        fits = torch.tensor([len(row) <= slots.shape[1] for row in ids], device=hits.device)  # else cut to the slots
+        exact += (hits.all(-1) & fits).sum().item()
+        slot_hits += hits.sum().item()
+        slot_total += hits.numel()
+    return {"exact_match": exact / len(sentences), "token_accuracy": slot_hits / slot_total,
+            "num_sentences": len(sentences)}
 
 
 @torch.no_grad()
@@ -425,6 +448,8 @@ def main():
     start = time.perf_counter()
     sentences = [s for row in test for s in split_reasoning_into_sentences(row["reasoning"], args.max_blocks)]
     report["vae"] = vae_reconstruction(model, tokenizer, sentences)
+    if model.config.velocity_parameterization == "token_posterior":
+        report["codebook"] = codebook_round_trip(model, tokenizer, sentences)
     report["oracle_latents"] = oracle_latent_accuracy(model, tokenizer, test)
     if model.config.token_aligned_latents:
         report["denoiser"] = denoiser_slot_accuracy(model, tokenizer, test, args.output_dir)
@@ -453,6 +478,9 @@ def main():
     print(json.dumps({key: report[key] for key in ("timings", "ladir_steps")}, indent=2))
     print(f"(a) VAE exact match {report['vae']['exact_match']:.3f}, token accuracy {report['vae']['token_accuracy']:.3f}"
           f" on {len(sentences)} held-out sentences")
+    if "codebook" in report:
+        print(f"(a2) codebook round trip exact match {report['codebook']['exact_match']:.3f}, slot accuracy "
+              f"{report['codebook']['token_accuracy']:.3f}")
     print(f"(b) answer accuracy with oracle latents {report['oracle_latents']['answer_accuracy']:.3f}")
     if "denoiser" in report:
         for t, accuracy, exact in zip(*(report["denoiser"][k] for k in ("noise_levels", "token_accuracy", "block_exact_match"))):

@@ -14,7 +14,8 @@ What is matched:
 * the two RL stages get the same rollout budget: the same prompts per step, the same steps, and the same number of
   scored answers per prompt (GRPO samples `N x M` completions per prompt; LaDi-RL `N` latents, each decoded `M` times);
 * every model is evaluated on the same held-out problems with the same number of samples per problem
-  (`--num_samples`), pass@k for k = 1..num_samples with the unbiased estimator.
+  (`--num_samples`), pass@k for k = 1..num_samples with the unbiased estimator; a LaDiR model's samples are one answer
+  per latent by default (`--eval_decodes_per_latent`), so that they are independent, as the estimator assumes.
 
 Over RL training it records, per step: the mean reward, the share of prompts whose answers all scored the same
 (`frac_reward_zero_std`: no gradient), GRPO's token entropy, and LaDi-RL's latent diversity and distinct answers per
@@ -50,12 +51,13 @@ from trl_ladi.rewards.math import extract_final_answer
 
 ANSWER_TEMPLATE = "#### {answer}"
 
-# The LaDiR recipe of the main job and of docs/sft.md's side-by-side run: one latent slot per sentence token, written
-# by the exact posterior of the LM's slot priors (velocity_parameterization="token_posterior"), a quarter of the
-# budget for the VAE stage.
+# The LaDiR recipe of the main job: one latent slot per sentence token, written by the exact posterior of the LM's
+# slot priors (velocity_parameterization="token_posterior"). Its reasoner reads a fixed codebook, not the VAE's
+# encoder or decoder, so the VAE stage gets 1% of the budget (a few steps: it sets the codebook, the latent scale and
+# the reasoner's input map) and the reasoner the rest (docs/reproduction.md, run 4).
 LADIR_RECIPE = dict(
     token_aligned_latents=True, latent_tokens_per_block=16, velocity_parameterization="token_posterior",
-    token_readout_temperature=0.7, initial_noise_scale=1.0, vae_decoder_lora_rank=16, vae_fraction=0.25,
+    token_readout_temperature=0.7, initial_noise_scale=1.0, vae_decoder_lora_rank=16, vae_fraction=0.01,
     vae_learning_rate=2e-3, reasoner_learning_rate=1e-3, initial_latent_logvar=-4.0, latent_noise_std=0.3,
     token_substitution_prob=0.0, num_denoise_steps=6,
 )
@@ -98,6 +100,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_examples", type=int)
     parser.add_argument("--num_test_examples", type=int, help="Held-out problems every model is evaluated on.")
     parser.add_argument("--num_samples", type=int, help="Answers per problem; pass@k for k = 1..num_samples.")
+    parser.add_argument("--eval_decodes_per_latent", type=int, default=1,
+                        help="Answers per sampled latent in the evaluation (1: independent samples, as pass@k's "
+                             "estimator assumes; a chain_sum latent's decodes agree, docs/reproduction.md).")
     parser.add_argument("--eval_batch_size", type=int, help="Problems sampled at once.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/reproduce")
@@ -123,9 +128,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_answer_tokens", type=int, default=16, help="Of the LaDiR models' answers.")
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    if args.num_samples % args.num_decodes_per_latent:
-        parser.error(f"--num_samples {args.num_samples} must be a multiple of --num_decodes_per_latent "
-                     f"{args.num_decodes_per_latent} (LaDiR samples = latents x decodes per latent).")
+    if args.eval_decodes_per_latent < 1 or args.num_samples % args.eval_decodes_per_latent:
+        parser.error(f"--num_samples {args.num_samples} must be a multiple of --eval_decodes_per_latent "
+                     f"{args.eval_decodes_per_latent} (LaDiR samples = latents x decodes per latent).")
     return args
 
 
@@ -185,7 +190,7 @@ def text_generate_fn(model, tokenizer, args):
 
 def latent_generate_fn(model, tokenizer, args):
     return ladir_generate_fn(
-        model.eval(), tokenizer, num_decodes_per_latent=args.num_decodes_per_latent,
+        model.eval(), tokenizer, num_decodes_per_latent=args.eval_decodes_per_latent,
         num_denoise_steps=args.num_denoise_steps, sde_noise_level=args.sde_noise_level,
         temperature=args.temperature, max_new_tokens=args.max_answer_tokens,
     )

@@ -124,7 +124,13 @@ class ScriptArguments:
         metadata={"help": "VAE-stage share of encoder tokens replaced by random ones (LaDiR: 0.3; 0 with "
                   "token-aligned latents, whose decoder cannot know the replaced token)."},
     )
-    vae_steps: int = field(default=30, metadata={"help": "Optimizer steps of the LaDiR VAE stage."})
+    vae_steps: int = field(
+        default=2,
+        metadata={"help": "Optimizer steps of the LaDiR VAE stage. A token posterior (the default) reads its fixed "
+                  "codebook, not the VAE's encoder or decoder: its VAE stage sets the codebook, the latent scale and "
+                  "the reasoner's input map, and training it longer did not help its reasoner (docs/sft.md), so the "
+                  "time goes to the reasoner. Other parameterizations read the VAE's latents: give them 30 or more."},
+    )
     reasoner_steps: int = field(default=80, metadata={"help": "Optimizer steps of the LaDiR reasoner stage."})
     sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of the two LaDiR stages."})
     sft_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the two LaDiR stages."})
@@ -134,8 +140,15 @@ class ScriptArguments:
     )
     eval_num_samples: int = field(
         default=8,
-        metadata={"help": "Answers sampled per test problem: eval_num_samples / num_decodes_per_latent latents, "
-                  "each decoded num_decodes_per_latent times, as in the RL rollouts."},
+        metadata={"help": "Answers sampled per test problem: eval_num_samples / eval_decodes_per_latent latents, "
+                  "each decoded eval_decodes_per_latent times."},
+    )
+    eval_decodes_per_latent: int = field(
+        default=1,
+        metadata={"help": "Answers decoded from each sampled latent in the evaluation. 1: every answer has its own "
+                  "latent, so the samples are independent, as the unbiased pass@k estimator assumes (a chain_sum "
+                  "latent's decodes gave the same answer in every case checked, docs/reproduction.md: with 2, "
+                  "pass@8 would count 4 answers). --num_decodes_per_latent sets the RL rollouts' M."},
     )
     eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "The k of pass@k."})
     eval_batch_size: int = field(default=8, metadata={"help": "Test problems sampled at once."})
@@ -271,12 +284,12 @@ def load_ladir(path: str, training_args: LaDiRLConfig):
 
 
 def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args) -> dict:
-    """pass@k on the test problems, sampled as the RL rollouts sample (SDE policy, M decodes per latent). Every process
-    calls it and samples a share of the problems; each gets the whole result."""
-    num_decodes = training_args.num_decodes_per_latent
-    if script_args.eval_num_samples % num_decodes:
+    """pass@k on the test problems, sampled as the RL rollouts sample (SDE policy), with `eval_decodes_per_latent`
+    answers per latent. Every process calls it and samples a share of the problems; each gets the whole result."""
+    num_decodes = script_args.eval_decodes_per_latent
+    if num_decodes < 1 or script_args.eval_num_samples % num_decodes:
         raise ValueError(
-            f"--eval_num_samples {script_args.eval_num_samples} must be a multiple of --num_decodes_per_latent "
+            f"--eval_num_samples {script_args.eval_num_samples} must be a multiple of --eval_decodes_per_latent "
             f"{num_decodes} (samples = latents x decodes per latent)."
         )
     generate_fn = ladir_generate_fn(

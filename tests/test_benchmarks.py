@@ -62,8 +62,8 @@ def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
                            cwd=tmp_path)
     config = json.loads(result.stdout)
     assert config["rl_steps"] == 3 and not config["token_aligned_latents"]  # a flag overrides its preset
-    result = run_reproduce("--preset", "tiny", "--num_samples", "3", cwd=tmp_path)
-    assert result.returncode != 0 and "must be a multiple of --num_decodes_per_latent" in result.stderr
+    result = run_reproduce("--preset", "tiny", "--num_samples", "3", "--eval_decodes_per_latent", "2", cwd=tmp_path)
+    assert result.returncode != 0 and "must be a multiple of --eval_decodes_per_latent" in result.stderr
     assert not (tmp_path / "outputs").exists()  # refused before anything was written
 
 

@@ -316,6 +316,29 @@ def test_latent_blocks_read_back_as_the_tokens_of_their_codebook_rows():
     assert model.read_latent_tokens(latents, tokenizer) == [tokenizer.decode(ids) for ids in sentences]
 
 
+def test_the_codebook_round_trip_counts_the_slots_whose_rows_collide():
+    """benchmarks/ladir_quality.py's (a2): a token posterior's sentences as codebook rows, read back by nearest row.
+    With the embedding of `9` made that of `8`, their rows coincide and `9` reads back as `8` (the lower id): the
+    scores are those counted from the sentences; a sentence longer than the block is never exact."""
+    tokenizer = make_tokenizer()
+    model = token_aligned_model(tokenizer, velocity_parameterization="token_posterior").eval()
+    eight, nine = tokenizer.convert_tokens_to_ids(["8", "9"])
+    assert eight < nine
+    with torch.no_grad():
+        embeddings = model.language_model.get_input_embeddings().weight
+        embeddings[nine] = embeddings[eight]
+    sentences = ["3 + 4 = 7 .", "9 + 9 = 18 .", "5 + 4 = 9 .", "1 + 2 + 3 = 6 ."]
+    report = _ladir_quality().codebook_round_trip(model, tokenizer, sentences, batch_size=3)
+
+    ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in sentences]
+    assert [len(row) for row in ids] == [SLOTS, SLOTS, SLOTS, SLOTS + 2]
+    nines = sum(row[:SLOTS].count(nine) for row in ids)
+    assert nines == 3
+    assert report["num_sentences"] == 4
+    assert report["token_accuracy"] == pytest.approx(1 - nines / (4 * SLOTS))
+    assert report["exact_match"] == pytest.approx(1 / 4)  # the first; the last is cut to the slots
+
+
 def _ladir_quality():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import ladir_quality
