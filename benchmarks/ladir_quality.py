@@ -6,7 +6,8 @@
 
 Both recipes train from the same base model on the same training problems for `--budget_seconds` of wall-clock time
 each, one after the other in this process (the LaDiR recipe splits its budget between the VAE and the reasoner
-stage). Then, on `--num_test_examples` held-out problems:
+stage); after a 10-step warm-up their learning rates fall linearly with the time spent, to 0 at the end of the budget
+(`--no-decay_learning_rate`: constant). Then, on `--num_test_examples` held-out problems:
 
 (a) VAE: greedy reconstruction of the held-out reasoning sentences from their latent means (exact match, and the share
     of target tokens the greedy decode gets right at their position);
@@ -93,6 +94,10 @@ def parse_args():
     parser.add_argument("--output_dir", default="outputs/ladir-quality")
     # text SFT (the reference): full fine-tuning, as in research/task-difficulty.md
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
+    parser.add_argument("--decay_learning_rate", action=argparse.BooleanOptionalAction, default=True,
+                        help="Both recipes: after the warm-up the learning rate falls linearly with the time spent, to 0 "
+                             "at the end of the budget (docs/sft.md: at a constant rate the reasoner ends wherever its "
+                             "last noisy steps put it).")
     parser.add_argument("--text_sft_results", default=None, help="A previous report's JSON: reuse its text-SFT part.")
     parser.add_argument("--batch_size", type=int, default=8)
     add_ladir_recipe_arguments(parser)
@@ -151,7 +156,7 @@ def train_ladir(args, base, tokenizer, train):
         )
         trainer = LaDiRSFTTrainer(
             model=model, args=stage_args, train_dataset=train, processing_class=tokenizer,
-            callbacks=[WallClockBudgetCallback(args.budget_seconds * fraction)],
+            callbacks=[WallClockBudgetCallback(args.budget_seconds * fraction, args.decay_learning_rate)],
         )
         trainer.train()
         steps[stage] = trainer.state.global_step
@@ -425,7 +430,7 @@ def main():
                       save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
                       bf16=torch.cuda.is_available(), seed=args.seed),
             answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
-            callbacks=[WallClockBudgetCallback(args.budget_seconds)],
+            callbacks=[WallClockBudgetCallback(args.budget_seconds, args.decay_learning_rate)],
         )
         report["timings"]["text_sft_train_s"] = time.perf_counter() - start
         sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)

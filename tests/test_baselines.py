@@ -79,3 +79,40 @@ def test_wall_clock_budget_stops_training_once_the_time_is_spent():
     assert control.should_training_stop
     with pytest.raises(ValueError, match="seconds must be > 0"):
         WallClockBudgetCallback(0)
+
+
+def test_wall_clock_budget_decays_the_learning_rate_linearly_in_the_time_spent(monkeypatch):
+    import torch
+    from transformers import TrainerControl
+    from transformers.optimization import get_constant_schedule_with_warmup
+
+    import trl_ladi.baselines as baselines
+
+    now = [100.0]  # a clock the test moves
+    monkeypatch.setattr(baselines.time, "perf_counter", lambda: now[0])
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=2)
+    callback = baselines.WallClockBudgetCallback(seconds=10.0, decay_learning_rate=True)
+    control = TrainerControl()
+    callback.on_train_begin(None, None, control)
+    learning_rates = []
+    for elapsed in (1.0, 2.0, 5.0, 9.0, 10.0):  # the time at each step's scheduler update
+        callback.on_step_begin(None, None, control, lr_scheduler=scheduler)
+        optimizer.step()
+        now[0] = 100.0 + elapsed
+        scheduler.step()
+        learning_rates.append(optimizer.param_groups[0]["lr"])
+        callback.on_step_end(None, None, control)
+    # warm-up (steps 1, 2 of 2) times the unspent share of the budget, never compounded across steps
+    expected = [0.1 * 0.5 * 0.9, 0.1 * 1.0 * 0.8, 0.1 * 0.5, 0.1 * 0.1, 0.0]
+    assert learning_rates == pytest.approx(expected, abs=1e-12)
+    assert scheduler.get_last_lr()[0] == 0.0  # what the trainer logs
+    assert control.should_training_stop
+
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    other = baselines.WallClockBudgetCallback(seconds=10.0, decay_learning_rate=True)
+    other.on_train_begin(None, None, control)
+    with pytest.raises(TypeError, match="scales a LambdaLR schedule.*decay_learning_rate=False"):
+        other.on_step_begin(None, None, control, lr_scheduler=plateau)
+
