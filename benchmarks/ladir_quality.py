@@ -19,7 +19,7 @@ stage); after a 10-step warm-up their learning rates fall linearly with the time
     token accuracy and sentences exact;
 (c) the LaDiR model with latents it samples itself (SDE, as the RL rollouts sample): pass@1..k;
 (c2) a token posterior: the share of sampled traces whose blocks are all the true sentences, the answer accuracy of
-    those and of the others, and the block where the others first go wrong;
+    those and of the others, and the block where the others first go wrong (`--no-block_breakdown` skips it);
 (d) the text-SFT model: pass@1..k with the same number of samples per problem;
 (d2) its greedy next-token prediction from the true prefix, scored as (b3): where (b3) and (d2) agree, the two recipes
     learnt the sentences equally well and a pass@k gap comes from how they sample.
@@ -95,9 +95,9 @@ def parse_args():
     # text SFT (the reference): full fine-tuning, as in research/task-difficulty.md
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
     parser.add_argument("--decay_learning_rate", action=argparse.BooleanOptionalAction, default=True,
-                        help="Both recipes: after the warm-up the learning rate falls linearly with the time spent, to 0 "
-                             "at the end of the budget (docs/sft.md: at a constant rate the reasoner ends wherever its "
-                             "last noisy steps put it).")
+                        help="Both recipes: after the warm-up the learning rate falls linearly with the time spent, "
+                             "to 0 at the end of the budget (docs/sft.md: at a constant rate the reasoner ends wherever "
+                             "its last noisy steps put it).")
     parser.add_argument("--text_sft_results", default=None, help="A previous report's JSON: reuse its text-SFT part.")
     parser.add_argument("--batch_size", type=int, default=8)
     add_ladir_recipe_arguments(parser)
@@ -106,6 +106,9 @@ def parse_args():
     parser.add_argument("--num_decodes_per_latent", type=int, default=1,
                         help="Answers per sampled latent (1: independent samples, as pass@k's estimator assumes).")
     parser.add_argument("--sde_noise_level", type=float, default=0.7)
+    parser.add_argument("--block_breakdown", action=argparse.BooleanOptionalAction, default=True,
+                        help="(c2) for a token posterior. It samples as many traces again as (c): "
+                             "--no-block_breakdown halves the LaDiR evaluation's time.")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Of the text-SFT model's worked solutions.")
     return parser.parse_args()
@@ -462,10 +465,11 @@ def main():
                            temperature=args.temperature, max_new_tokens=16)
     if model.config.velocity_parameterization == "token_posterior":
         report["slot_prediction"] = slot_prediction_accuracy(model, tokenizer, test, args.output_dir)
-        report["sampled_blocks"] = sampled_block_breakdown(
-            model, tokenizer, test, num_latents=args.num_samples // args.num_decodes_per_latent, seed=args.seed,
-            **sampling_kwargs,
-        )
+        if args.block_breakdown:
+            report["sampled_blocks"] = sampled_block_breakdown(
+                model, tokenizer, test, num_latents=args.num_samples // args.num_decodes_per_latent, seed=args.seed,
+                **sampling_kwargs,
+            )
     set_seed(args.seed)
     generate_fn = ladir_generate_fn(model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent, **sampling_kwargs)
     result = evaluate_pass_at_k(generate_fn, test, math_accuracy_reward, ks=ks, num_samples=args.num_samples,

@@ -135,9 +135,9 @@ class ScriptArguments:
     sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of the two LaDiR stages."})
     sft_learning_rate: float = field(
         default=1e-3,
-        metadata={"help": "Peak learning rate of the two LaDiR stages: a warm-up of up to 10 steps, then a linear decay "
-                  "to 0 (at a constant 1e-3 the reasoner's held-out sentences were 6-19 points less often exact after "
-                  "90 steps, docs/sft.md)."},
+        metadata={"help": "Peak learning rate of the two LaDiR stages: a warm-up of up to 10 steps, then a linear "
+                  "decay to 0 (at a constant 1e-3 the reasoner's held-out sentences were 6-19 points less often exact "
+                  "after 90 steps, docs/sft.md)."},
     )
     answer_template: str = field(
         default="#### {answer}",
