@@ -55,6 +55,10 @@ ANSWER_TEMPLATE = "#### {answer}"
 def add_ladir_recipe_arguments(parser):
     """The flags `train_ladir` reads (besides budget_seconds, batch_size, seed, output_dir); reproduce.py shares them."""
     group = parser.add_argument_group("LaDiR recipe")
+    group.add_argument("--decay_learning_rate", action=argparse.BooleanOptionalAction, default=True,
+                       help="The LaDiR stages and text SFT alike: after the warm-up the learning rate falls linearly "
+                            "with the time spent, to 0 at the end of the budget (docs/sft.md: at a constant rate the "
+                            "reasoner ends wherever its last noisy steps put it).")
     group.add_argument("--vae_fraction", type=float, default=0.5, help="Share of the LaDiR budget for the VAE.")
     group.add_argument("--latent_tokens_per_block", type=int, default=4)
     group.add_argument("--latent_dim", type=int, default=128)
@@ -94,10 +98,6 @@ def parse_args():
     parser.add_argument("--output_dir", default="outputs/ladir-quality")
     # text SFT (the reference): full fine-tuning, as in research/task-difficulty.md
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
-    parser.add_argument("--decay_learning_rate", action=argparse.BooleanOptionalAction, default=True,
-                        help="Both recipes: after the warm-up the learning rate falls linearly with the time spent, "
-                             "to 0 at the end of the budget (docs/sft.md: at a constant rate the reasoner ends wherever "
-                             "its last noisy steps put it).")
     parser.add_argument("--text_sft_results", default=None, help="A previous report's JSON: reuse its text-SFT part.")
     parser.add_argument("--batch_size", type=int, default=8)
     add_ladir_recipe_arguments(parser)

@@ -110,10 +110,6 @@ def parse_args(argv=None):
     parser.add_argument("--sft_budget_seconds", type=float, help="Wall-clock training time of each supervised start.")
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
     parser.add_argument("--batch_size", type=int, default=8, help="Batch size of the supervised starts.")
-    parser.add_argument("--decay_learning_rate", action=argparse.BooleanOptionalAction, default=True,
-                        help="Both supervised starts: after the warm-up the learning rate falls linearly with the "
-                             "time spent, to 0 at the end of the budget (docs/sft.md: at a constant rate the reasoner "
-                             "ends wherever its last noisy steps put it).")
     add_ladir_recipe_arguments(parser)
     parser.set_defaults(**LADIR_RECIPE)
     # RL, with the same rollout budget on both sides

@@ -115,4 +115,3 @@ def test_wall_clock_budget_decays_the_learning_rate_linearly_in_the_time_spent(m
     other.on_train_begin(None, None, control)
     with pytest.raises(TypeError, match="scales a LambdaLR schedule.*decay_learning_rate=False"):
         other.on_step_begin(None, None, control, lr_scheduler=plateau)
-

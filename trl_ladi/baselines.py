@@ -117,5 +117,5 @@ class WallClockBudgetCallback(TrainerCallback):
         return lambda step: factor(step) * self.remaining_fraction()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start_time >= self.seconds:
+        if self.remaining_fraction() == 0.0:
             control.should_training_stop = True
