@@ -63,10 +63,11 @@ LADIR_RECIPE = dict(
 )
 
 PRESETS = {
-    # 2 CPU cores: sized from the measured costs in docs/reproduction.md
+    # 2 CPU cores: sized from the measured costs in docs/reproduction.md. LaDi-RL samples 8 latents x 1 decode: the
+    # decodes of a chain_sum latent agreed in every RL step of run 4, so a second decode scores a copy.
     "cpu": dict(
         model_name_or_path=None, num_train_examples=2048, num_test_examples=64, num_samples=16,
-        sft_budget_seconds=480, rl_steps=10, prompts_per_step=2, num_latents=4, num_decodes_per_latent=2,
+        sft_budget_seconds=480, rl_steps=20, prompts_per_step=2, num_latents=8, num_decodes_per_latent=1,
         grpo_learning_rate=5e-6, ladirl_learning_rate=5e-4, max_new_tokens=48, eval_batch_size=8,
     ),
     # one GPU (written for an H200, not run yet): a 0.5B model, 256 held-out problems
@@ -106,6 +107,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, help="Problems sampled at once.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/reproduce")
+    parser.add_argument("--start_dir",
+                        help="The --output_dir of an earlier run: take its two supervised starts (text-sft/, ladir/) "
+                             "instead of training them, e.g. to rerun RL at other settings. Its settings must match.")
     # the supervised starts
     parser.add_argument("--sft_budget_seconds", type=float, help="Wall-clock training time of each supervised start.")
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
@@ -196,66 +200,125 @@ def latent_generate_fn(model, tokenizer, args):
     )
 
 
-def token_arm(args, base, tokenizer, train, test, report):
-    """Arm A: text SFT, then GRPO with N x M completions per prompt."""
-    start = time.perf_counter()
-    sft_dir = train_text_sft(
-        base, train,
-        SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=1_000_000,
-                  learning_rate=args.text_sft_learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
-                  per_device_train_batch_size=args.batch_size, **{**common_training_args(args), "logging_steps": 25}),
-        answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
-        callbacks=[WallClockBudgetCallback(args.sft_budget_seconds, args.decay_learning_rate)],
-    )
-    report["timings"]["train text SFT"] = time.perf_counter() - start
-    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
-    evaluate("text SFT", text_generate_fn(model, tokenizer, args), test, args, report)
-
+def train_grpo(args, model, tokenizer, train, learning_rate: float, output_dir: str):
+    """TRL `GRPOTrainer` on `model` (trained in place) with `N x M` completions per prompt; returns the trainer."""
     answers_per_prompt = args.num_latents * args.num_decodes_per_latent
     grpo_args = GRPOConfig(
-        output_dir=os.path.join(args.output_dir, "grpo"), max_steps=args.rl_steps,
+        output_dir=output_dir, max_steps=args.rl_steps,
         per_device_train_batch_size=args.prompts_per_step * answers_per_prompt, num_generations=answers_per_prompt,
         max_completion_length=args.max_new_tokens, temperature=args.temperature,
-        learning_rate=args.grpo_learning_rate, beta=0.0, **common_training_args(args),
+        learning_rate=learning_rate, beta=0.0, **common_training_args(args),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=math_accuracy_reward, args=grpo_args, train_dataset=train,
                           processing_class=tokenizer)
-    start = time.perf_counter()
     trainer.train()
+    return trainer
+
+
+def train_ladirl(args, model, tokenizer, train, policy: str, learning_rate: float, output_dir: str):
+    """`LaDiRLTrainer` on `model` (trained in place) with `N` latents x `M` decodes per prompt; returns the trainer."""
+    rl_args = LaDiRLConfig(
+        output_dir=output_dir, max_steps=args.rl_steps,
+        per_device_train_batch_size=args.prompts_per_step * args.num_latents, num_generations=args.num_latents,
+        num_decodes_per_latent=args.num_decodes_per_latent, max_completion_length=args.max_answer_tokens,
+        temperature=args.temperature, num_denoise_steps=args.num_denoise_steps,
+        sde_noise_level=args.sde_noise_level, train_timestep_fraction=0.5, learning_rate=learning_rate,
+        latent_policy_parameters=policy, **common_training_args(args),
+    )
+    trainer = LaDiRLTrainer(model=model, reward_funcs=math_accuracy_reward, args=rl_args, train_dataset=train,
+                            processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+GRPO_CURVES = ("reward", "frac_reward_zero_std", "entropy")
+LADIRL_CURVES = ("reward", "frac_reward_zero_std", "latent_diversity", "distinct_answers_per_prompt")
+
+
+# The settings that decide what the two supervised starts are: `--start_dir` reuses starts only when these match.
+START_SETTINGS = (
+    "model_name_or_path", "dataset_name", "num_train_examples", "seed", "sft_budget_seconds", "batch_size",
+    "text_sft_learning_rate", "decay_learning_rate", "latent_dim", "lora_rank", "max_blocks", "causal_denoiser",
+    "timestep_shift", "flow_timestep_shift", *(name for name in LADIR_RECIPE if name != "num_denoise_steps"),
+)
+
+
+def read_start_dir(start_dir: str) -> dict:
+    """The report of the finished run in `start_dir`, after checking that the folder holds its two supervised starts."""
+    report_path = os.path.join(start_dir, "reproduce.json")
+    missing = [path for path in (report_path, *(os.path.join(start_dir, name, "config.json")
+                                                for name in ("text-sft", "ladir"))) if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"--start_dir {start_dir}: missing {', '.join(missing)}. Give the --output_dir of a finished reproduce.py "
+            "run (it saves text-sft/, ladir/ and reproduce.json there)."
+        )
+    with open(report_path) as f:
+        return json.load(f)
+
+
+def check_start_settings(previous: dict, args):
+    """Reusing starts must change nothing but the time: refuse them if they were trained with other settings."""
+    mismatched = {name: (previous["settings"].get(name), getattr(args, name)) for name in START_SETTINGS
+                  if previous["settings"].get(name) != getattr(args, name)}
+    if mismatched:
+        listed = "; ".join(f"--{name}: {old!r} there, {new!r} here" for name, (old, new) in mismatched.items())
+        raise ValueError(
+            f"--start_dir {args.start_dir} was trained with other settings ({listed}). Pass the same flags (and "
+            "--preset) as that run, or drop --start_dir to train new starts."
+        )
+
+
+def token_arm(args, base, tokenizer, train, test, report):
+    """Arm A: text SFT, then GRPO with N x M completions per prompt."""
+    if args.start_dir:
+        sft_dir = os.path.join(args.start_dir, "text-sft")
+    else:
+        start = time.perf_counter()
+        sft_dir = train_text_sft(
+            base, train,
+            SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=1_000_000,
+                      learning_rate=args.text_sft_learning_rate, lr_scheduler_type="constant_with_warmup",
+                      warmup_steps=10, per_device_train_batch_size=args.batch_size,
+                      **{**common_training_args(args), "logging_steps": 25}),
+            answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
+            callbacks=[WallClockBudgetCallback(args.sft_budget_seconds, args.decay_learning_rate)],
+        )
+        report["timings"]["train text SFT"] = time.perf_counter() - start
+    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
+    evaluate("text SFT", text_generate_fn(model, tokenizer, args), test, args, report)
+
+    start = time.perf_counter()
+    trainer = train_grpo(args, model, tokenizer, train, args.grpo_learning_rate, os.path.join(args.output_dir, "grpo"))
     report["timings"]["train GRPO"] = time.perf_counter() - start
-    report["training"]["GRPO"] = training_curve(trainer, ("reward", "frac_reward_zero_std", "entropy"))
+    report["training"]["GRPO"] = training_curve(trainer, GRPO_CURVES)
     evaluate("GRPO", text_generate_fn(model.eval(), tokenizer, args), test, args, report)
 
 
 def latent_arm(args, base, tokenizer, train, test, report):
     """Arm B: the LaDiR stages, then LaDi-RL with N latents x M decodes per prompt, once per policy choice."""
-    start = time.perf_counter()
-    model, stage_steps = train_ladir(argparse.Namespace(**{**vars(args), "budget_seconds": args.sft_budget_seconds}),
-                                     base, tokenizer, train)
-    report["timings"]["train LaDiR"] = time.perf_counter() - start
-    report["ladir_stage_steps"] = stage_steps
-    ladir_dir = os.path.join(args.output_dir, "ladir")
-    model.save_pretrained(ladir_dir)
+    if args.start_dir:
+        ladir_dir = os.path.join(args.start_dir, "ladir")
+        model = LaDiRModel.from_pretrained(ladir_dir)
+    else:
+        start = time.perf_counter()
+        model, stage_steps = train_ladir(
+            argparse.Namespace(**{**vars(args), "budget_seconds": args.sft_budget_seconds}), base, tokenizer, train
+        )
+        report["timings"]["train LaDiR"] = time.perf_counter() - start
+        report["ladir_stage_steps"] = stage_steps
+        ladir_dir = os.path.join(args.output_dir, "ladir")
+        model.save_pretrained(ladir_dir)
     evaluate("LaDiR", latent_generate_fn(model, tokenizer, args), test, args, report)
 
     for policy in args.latent_policy_parameters:
         name = f"LaDi-RL ({policy})"
         model = LaDiRModel.from_pretrained(ladir_dir)  # every run starts from the same LaDiR model
-        rl_args = LaDiRLConfig(
-            output_dir=os.path.join(args.output_dir, f"ladirl-{policy}"), max_steps=args.rl_steps,
-            per_device_train_batch_size=args.prompts_per_step * args.num_latents, num_generations=args.num_latents,
-            num_decodes_per_latent=args.num_decodes_per_latent, max_completion_length=args.max_answer_tokens,
-            temperature=args.temperature, num_denoise_steps=args.num_denoise_steps,
-            sde_noise_level=args.sde_noise_level, train_timestep_fraction=0.5, learning_rate=args.ladirl_learning_rate,
-            latent_policy_parameters=policy, **common_training_args(args),
-        )
-        trainer = LaDiRLTrainer(model=model, reward_funcs=math_accuracy_reward, args=rl_args, train_dataset=train,
-                                processing_class=tokenizer)
         start = time.perf_counter()
-        trainer.train()
+        trainer = train_ladirl(args, model, tokenizer, train, policy, args.ladirl_learning_rate,
+                               os.path.join(args.output_dir, f"ladirl-{policy}"))
         report["timings"][f"train {name}"] = time.perf_counter() - start
-        report["training"][name] = training_curve(
-            trainer, ("reward", "frac_reward_zero_std", "latent_diversity", "distinct_answers_per_prompt"))
+        report["training"][name] = training_curve(trainer, LADIRL_CURVES)
         evaluate(name, latent_generate_fn(model, tokenizer, args), test, args, report)
 
 
@@ -300,6 +363,10 @@ def main(argv=None):
     if args.print_config:
         print(json.dumps(vars(args), indent=2))
         return None
+    previous = None
+    if args.start_dir:
+        previous = read_start_dir(args.start_dir)
+        check_start_settings(previous, args)
     os.makedirs(args.output_dir, exist_ok=True)
     set_seed(args.seed)
     started = time.perf_counter()
@@ -307,8 +374,13 @@ def main(argv=None):
     options = dict(seed=args.seed, conversational=False, instruction=None)
     train = load_math_dataset(args.dataset_name, "train", args.num_train_examples, **options)
     test = load_math_dataset(args.dataset_name, "test", args.num_test_examples, **options)
-    report = {"settings": {**vars(args), "output_dir": "<output_dir>"}, "rl_budget": rl_budget(args), "models": {},
+    report = {"settings": {**vars(args), "output_dir": "<output_dir>",
+                           "start_dir": args.start_dir and "<start_dir>"}, "rl_budget": rl_budget(args), "models": {},
               "training": {}, "timings": {}}
+    if previous is not None:  # the starts' training, from the run that trained them
+        report["start_dir"] = {"timings": {key: value for key, value in previous["timings"].items()
+                                           if key in ("train text SFT", "train LaDiR")},
+                               "ladir_stage_steps": previous.get("ladir_stage_steps")}
 
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     evaluate("base", text_generate_fn(base_model, tokenizer, args), test, args, report)

@@ -131,3 +131,64 @@ def test_gpu_step_dry_run(tmp_path):
     assert vs_grpo["summary"]["ladirl"]["latent_blocks/mean"]["mean"] == 2
     assert vs_grpo["summary"]["ladirl"]["sampler_log_prob_gap"]["max"] < 1e-3  # float32
     assert vs_grpo["ratio_ladirl_over_grpo"]["answers_per_second"] > 0
+
+
+def test_reproduce_reuses_starts_and_refuses_other_settings(reproduce_output, tmp_path):
+    """`--start_dir`: RL again from an earlier run's supervised starts, which evaluate exactly as they did there."""
+    result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--num_train_examples", "32",
+                           "--output_dir", str(tmp_path / "refused"), cwd=tmp_path)
+    assert result.returncode != 0 and "was trained with other settings" in result.stderr
+    assert "--num_train_examples: 16 there, 32 here" in result.stderr
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+
+    result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--ladirl_learning_rate", "1e-2",
+                           "--output_dir", str(tmp_path / "again"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    earlier = json.loads((reproduce_output / "reproduce.json").read_text())
+    again = json.loads((tmp_path / "again" / "reproduce.json").read_text())
+    assert list(again["models"]) == MODELS
+    assert "train text SFT" not in again["timings"] and "train LaDiR" not in again["timings"]  # not trained again
+    assert again["start_dir"]["timings"]["train LaDiR"] == earlier["timings"]["train LaDiR"]
+    assert again["start_dir"]["ladir_stage_steps"] == earlier["ladir_stage_steps"]
+    for name in ("base", "text SFT", "LaDiR"):  # the same models, problems and seed: the same samples
+        for key in ("pass_at_k", "distinct_answers_mean"):
+            assert again["models"][name][key] == earlier["models"][name][key], (name, key)
+    assert not (tmp_path / "again" / "text-sft").exists() and not (tmp_path / "again" / "ladir").exists()
+
+
+def test_tune_rl_learning_rates_validates_on_unseen_training_problems(reproduce_output, tmp_path):
+    output = tmp_path / "tune"
+    result = run_benchmark("tune_rl_learning_rates.py", "--start_dir", str(reproduce_output),
+                           "--grpo_learning_rates", "1e-5", "--ladirl_learning_rates", "1e-3", "1e-2",
+                           "--num_validation_examples", "3", "--num_samples", "2", "--output_dir", str(output),
+                           cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((output / "tune_rl_learning_rates.json").read_text())
+    assert list(report["models"]) == ["text SFT", "LaDiR", "GRPO lr 1e-05", "LaDi-RL (denoiser_adapter) lr 0.001",
+                                      "LaDi-RL (denoiser_adapter) lr 0.01"]
+    for name, model in report["models"].items():
+        assert model["num_problems"] == 3 and model["num_samples"] == 2, name
+    assert report["picked"]["grpo_learning_rate"] == 1e-5
+    ladirl = {rate: report["models"][f"LaDi-RL (denoiser_adapter) lr {rate:g}"] for rate in (1e-3, 1e-2)}
+    best = max(ladirl, key=lambda rate: (ladirl[rate]["pass_at_k"]["1"], ladirl[rate]["pass_at_k"]["2"]))
+    assert report["picked"]["ladirl_learning_rate (denoiser_adapter)"] == best
+    assert all(len(curve) == 1 for curve in report["training"]["GRPO lr 1e-05"].values())  # the run's 1 RL step
+    assert str(tmp_path) not in (output / "tune_rl_learning_rates.json").read_text()  # no machine paths
+
+
+def test_validation_split_is_outside_the_training_rows():
+    import argparse
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from tune_rl_learning_rates import validation_split
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from trl_ladi.data import load_math_dataset
+
+    settings = argparse.Namespace(seed=0, dataset_name="chain_sum", num_train_examples=64)
+    train, validation = validation_split(settings, 16)
+    assert len(train) == 64 and len(validation) == 16
+    assert not set(validation["prompt"]) & set(train["prompt"])
+    test = load_math_dataset("chain_sum", "test", 200, seed=0, conversational=False, instruction=None)
+    assert not set(validation["prompt"]) & set(test["prompt"])
