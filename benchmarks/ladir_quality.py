@@ -114,6 +114,22 @@ def parse_args():
     return parser.parse_args()
 
 
+def train_text_sft_start(args, base, tokenizer, train, budget_seconds: float) -> str:
+    """The text-SFT reference: every weight fine-tuned on the worked steps then `#### N` for `budget_seconds` of wall
+    clock (the rate decaying with the time spent under `--decay_learning_rate`); returns its folder,
+    `<output_dir>/text-sft`. reproduce.py trains its arm A start with it."""
+    on_gpu = torch.cuda.is_available()
+    return train_text_sft(
+        base, train,
+        SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=1_000_000,
+                  learning_rate=args.text_sft_learning_rate, lr_scheduler_type="constant_with_warmup",
+                  warmup_steps=10, per_device_train_batch_size=args.batch_size, logging_steps=25,
+                  save_strategy="no", report_to="none", use_cpu=not on_gpu, bf16=on_gpu, seed=args.seed),
+        answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
+        callbacks=[WallClockBudgetCallback(budget_seconds, args.decay_learning_rate)],
+    )
+
+
 def train_ladir(args, base, tokenizer, train):
     model = LaDiRModel.from_base(
         base,
@@ -425,16 +441,7 @@ def main():
             report["text_sft"] = json.load(f)["text_sft"]
     else:
         start = time.perf_counter()
-        sft_dir = train_text_sft(
-            base, train,
-            SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=1_000_000,
-                      learning_rate=args.text_sft_learning_rate, lr_scheduler_type="constant_with_warmup",
-                      warmup_steps=10, per_device_train_batch_size=args.batch_size, logging_steps=25,
-                      save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-                      bf16=torch.cuda.is_available(), seed=args.seed),
-            answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
-            callbacks=[WallClockBudgetCallback(args.budget_seconds, args.decay_learning_rate)],
-        )
+        sft_dir = train_text_sft_start(args, base, tokenizer, train, args.budget_seconds)
         report["timings"]["text_sft_train_s"] = time.perf_counter() - start
         sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
         start = time.perf_counter()

@@ -32,12 +32,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from ladir_quality import add_ladir_recipe_arguments, train_ladir  # benchmarks/ladir_quality.py: the LaDiR recipe
+from ladir_quality import (  # benchmarks/ladir_quality.py: the two supervised recipes
+    add_ladir_recipe_arguments,
+    train_ladir,
+    train_text_sft_start,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from trl import GRPOConfig, GRPOTrainer, SFTConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel
-from trl_ladi.baselines import WallClockBudgetCallback, train_text_sft
 from trl_ladi.data import load_math_dataset
 from trl_ladi.default_model import default_model_path
 from trl_ladi.evaluation import (
@@ -48,8 +51,6 @@ from trl_ladi.evaluation import (
 )
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
-
-ANSWER_TEMPLATE = "#### {answer}"
 
 # The LaDiR recipe of the main job: one latent slot per sentence token, written by the exact posterior of the LM's
 # slot priors (velocity_parameterization="token_posterior"). Its reasoner reads a fixed codebook, not the VAE's
@@ -275,15 +276,7 @@ def token_arm(args, base, tokenizer, train, test, report):
         sft_dir = os.path.join(args.start_dir, "text-sft")
     else:
         start = time.perf_counter()
-        sft_dir = train_text_sft(
-            base, train,
-            SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=1_000_000,
-                      learning_rate=args.text_sft_learning_rate, lr_scheduler_type="constant_with_warmup",
-                      warmup_steps=10, per_device_train_batch_size=args.batch_size,
-                      **{**common_training_args(args), "logging_steps": 25}),
-            answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
-            callbacks=[WallClockBudgetCallback(args.sft_budget_seconds, args.decay_learning_rate)],
-        )
+        sft_dir = train_text_sft_start(args, base, tokenizer, train, args.sft_budget_seconds)
         report["timings"]["train text SFT"] = time.perf_counter() - start
     model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
     evaluate("text SFT", text_generate_fn(model, tokenizer, args), test, args, report)
