@@ -106,6 +106,9 @@ def parse_args():
     parser.add_argument("--num_decodes_per_latent", type=int, default=1,
                         help="Answers per sampled latent (1: independent samples, as pass@k's estimator assumes).")
     parser.add_argument("--sde_noise_level", type=float, default=0.7)
+    parser.add_argument("--also_sde_noise_levels", type=float, nargs="*", default=[],
+                        help="(c) again with the same model at these noise levels too (0: deterministic Euler), "
+                             "under `ladir_by_sde_noise_level` in the JSON.")
     parser.add_argument("--block_breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="(c2) for a token posterior. It samples as many traces again as (c): "
                              "--no-block_breakdown halves the LaDiR evaluation's time.")
@@ -477,12 +480,21 @@ def main():
                 model, tokenizer, test, num_latents=args.num_samples // args.num_decodes_per_latent, seed=args.seed,
                 **sampling_kwargs,
             )
-    set_seed(args.seed)
-    generate_fn = ladir_generate_fn(model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent, **sampling_kwargs)
-    result = evaluate_pass_at_k(generate_fn, test, math_accuracy_reward, ks=ks, num_samples=args.num_samples,
-                                answer_fn=answer_fn)
-    report["ladir"] = without_per_problem(result)
+    def ladir_pass_at_k(sde_noise_level):
+        set_seed(args.seed)
+        generate_fn = ladir_generate_fn(model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent,
+                                        **{**sampling_kwargs, "sde_noise_level": sde_noise_level})
+        result = evaluate_pass_at_k(generate_fn, test, math_accuracy_reward, ks=ks, num_samples=args.num_samples,
+                                    answer_fn=answer_fn)
+        return without_per_problem(result)
+
+    report["ladir"] = ladir_pass_at_k(args.sde_noise_level)
     report["timings"]["ladir_eval_s"] = time.perf_counter() - start
+    if args.also_sde_noise_levels:
+        # the same trained model sampled at other noise levels: the sampler's share of a difference, apart from training
+        report["ladir_by_sde_noise_level"] = {str(args.sde_noise_level): report["ladir"]}
+        for level in args.also_sde_noise_levels:
+            report["ladir_by_sde_noise_level"][str(level)] = ladir_pass_at_k(level)
 
     json_path = os.path.join(args.output_dir, "ladir_quality.json")
     with open(json_path, "w") as f:
@@ -506,6 +518,8 @@ def main():
         print(f"(b3) next-slot prediction from the true prefix: token accuracy {slots['token_accuracy']:.3f}, sentences "
               f"exact {slots['sentence_exact_match']:.3f}, end of sentence {slots['end_of_sentence_accuracy']:.3f}")
     print(f"(c) LaDiR pass@k {report['ladir']['pass_at_k']}")
+    for level, result in report.get("ladir_by_sde_noise_level", {}).items():
+        print(f"    at SDE noise level {level}: pass@k {result['pass_at_k']}, distinct answers {result['distinct_answers_mean']:.2f}")
     if "sampled_blocks" in report:
         blocks = report["sampled_blocks"]
         print(f"(c2) sampled traces with every block right {blocks['blocks_right']:.3f} (answer accuracy "
