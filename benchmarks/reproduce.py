@@ -111,6 +111,10 @@ def parse_args(argv=None):
     parser.add_argument("--start_dir",
                         help="The --output_dir of an earlier run: take its two supervised starts (text-sft/, ladir/) "
                              "instead of training them, e.g. to rerun RL at other settings. Its settings must match.")
+    parser.add_argument("--reevaluate_starts", action="store_true",
+                        help="With --start_dir: evaluate base, text SFT and LaDiR again. By default their pass@k is "
+                             "taken from that run when it was evaluated with the same settings (the same models, "
+                             "problems and seed give the same samples).")
     # the supervised starts
     parser.add_argument("--sft_budget_seconds", type=float, help="Wall-clock training time of each supervised start.")
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
@@ -174,7 +178,15 @@ def rl_budget(args) -> dict:
                 scored_answers=args.rl_steps * args.prompts_per_step * answers_per_prompt)
 
 
-def evaluate(name, generate_fn, test, args, report):
+def evaluate(name, generate_fn, test, args, report, earlier=None):
+    """pass@k of `generate_fn` on `test` into `report`; or, if `earlier` (a report of the same evaluation settings)
+    has `name`, its result: evaluating a model again with the same seed gives the same samples."""
+    if earlier is not None and name in earlier["models"]:
+        result = earlier["models"][name]
+        pass_at_k = {int(k): v for k, v in result["pass_at_k"].items()}  # JSON made the keys strings
+        report["models"][name] = {**result, "pass_at_k": pass_at_k}
+        print(f"{name}: pass@k taken from --start_dir (--reevaluate_starts to sample it again)", flush=True)
+        return
     set_seed(args.seed)  # every model sees the same random stream
     start = time.perf_counter()
     result = evaluate_pass_at_k(
@@ -258,6 +270,13 @@ def read_start_dir(start_dir: str) -> dict:
         return json.load(f)
 
 
+# The settings that decide a model's evaluation samples, beside the model itself and START_SETTINGS.
+EVAL_SETTINGS = (
+    "num_test_examples", "num_samples", "eval_decodes_per_latent", "eval_batch_size", "temperature", "max_new_tokens",
+    "max_answer_tokens", "sde_noise_level", "num_denoise_steps",
+)
+
+
 def check_start_settings(previous: dict, args):
     """Reusing starts must change nothing but the time: refuse them if they were trained with other settings."""
     mismatched = {name: (previous["settings"].get(name), getattr(args, name)) for name in START_SETTINGS
@@ -270,8 +289,8 @@ def check_start_settings(previous: dict, args):
         )
 
 
-def token_arm(args, base, tokenizer, train, test, report):
-    """Arm A: text SFT, then GRPO with N x M completions per prompt."""
+def token_arm(args, base, tokenizer, train, test, report, earlier=None):
+    """Arm A: text SFT, then GRPO with N x M completions per prompt (`earlier`: see `evaluate`)."""
     if args.start_dir:
         sft_dir = os.path.join(args.start_dir, "text-sft")
     else:
@@ -279,7 +298,7 @@ def token_arm(args, base, tokenizer, train, test, report):
         sft_dir = train_text_sft_start(args, base, tokenizer, train, args.sft_budget_seconds)
         report["timings"]["train text SFT"] = time.perf_counter() - start
     model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
-    evaluate("text SFT", text_generate_fn(model, tokenizer, args), test, args, report)
+    evaluate("text SFT", text_generate_fn(model, tokenizer, args), test, args, report, earlier)
 
     start = time.perf_counter()
     trainer = train_grpo(args, model, tokenizer, train, args.grpo_learning_rate, os.path.join(args.output_dir, "grpo"))
@@ -288,7 +307,7 @@ def token_arm(args, base, tokenizer, train, test, report):
     evaluate("GRPO", text_generate_fn(model.eval(), tokenizer, args), test, args, report)
 
 
-def latent_arm(args, base, tokenizer, train, test, report):
+def latent_arm(args, base, tokenizer, train, test, report, earlier=None):
     """Arm B: the LaDiR stages, then LaDi-RL with N latents x M decodes per prompt, once per policy choice."""
     if args.start_dir:
         ladir_dir = os.path.join(args.start_dir, "ladir")
@@ -302,7 +321,7 @@ def latent_arm(args, base, tokenizer, train, test, report):
         report["ladir_stage_steps"] = stage_steps
         ladir_dir = os.path.join(args.output_dir, "ladir")
         model.save_pretrained(ladir_dir)
-    evaluate("LaDiR", latent_generate_fn(model, tokenizer, args), test, args, report)
+    evaluate("LaDiR", latent_generate_fn(model, tokenizer, args), test, args, report, earlier)
 
     for policy in args.latent_policy_parameters:
         name = f"LaDi-RL ({policy})"
@@ -356,10 +375,13 @@ def main(argv=None):
     if args.print_config:
         print(json.dumps(vars(args), indent=2))
         return None
-    previous = None
+    previous = earlier_evaluations = None
     if args.start_dir:
         previous = read_start_dir(args.start_dir)
         check_start_settings(previous, args)
+        if not args.reevaluate_starts and all(previous["settings"].get(name) == getattr(args, name)
+                                              for name in EVAL_SETTINGS):
+            earlier_evaluations = previous
     os.makedirs(args.output_dir, exist_ok=True)
     set_seed(args.seed)
     started = time.perf_counter()
@@ -373,13 +395,14 @@ def main(argv=None):
     if previous is not None:  # the starts' training, from the run that trained them
         report["start_dir"] = {"timings": {key: value for key, value in previous["timings"].items()
                                            if key in ("train text SFT", "train LaDiR")},
-                               "ladir_stage_steps": previous.get("ladir_stage_steps")}
+                               "ladir_stage_steps": previous.get("ladir_stage_steps"),
+                               "evaluations_reused": earlier_evaluations is not None}
 
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    evaluate("base", text_generate_fn(base_model, tokenizer, args), test, args, report)
+    evaluate("base", text_generate_fn(base_model, tokenizer, args), test, args, report, earlier_evaluations)
     del base_model
-    token_arm(args, base, tokenizer, train, test, report)
-    latent_arm(args, base, tokenizer, train, test, report)
+    token_arm(args, base, tokenizer, train, test, report, earlier_evaluations)
+    latent_arm(args, base, tokenizer, train, test, report, earlier_evaluations)
     report["timings"]["total"] = time.perf_counter() - started
 
     json_path = os.path.join(args.output_dir, "reproduce.json")

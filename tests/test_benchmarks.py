@@ -142,7 +142,7 @@ def test_reproduce_reuses_starts_and_refuses_other_settings(reproduce_output, tm
     assert not (tmp_path / "refused").exists()  # refused before anything was written
 
     result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--ladirl_learning_rate", "1e-2",
-                           "--output_dir", str(tmp_path / "again"), cwd=tmp_path)
+                           "--reevaluate_starts", "--output_dir", str(tmp_path / "again"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     earlier = json.loads((reproduce_output / "reproduce.json").read_text())
     again = json.loads((tmp_path / "again" / "reproduce.json").read_text())
@@ -150,10 +150,30 @@ def test_reproduce_reuses_starts_and_refuses_other_settings(reproduce_output, tm
     assert "train text SFT" not in again["timings"] and "train LaDiR" not in again["timings"]  # not trained again
     assert again["start_dir"]["timings"]["train LaDiR"] == earlier["timings"]["train LaDiR"]
     assert again["start_dir"]["ladir_stage_steps"] == earlier["ladir_stage_steps"]
-    for name in ("base", "text SFT", "LaDiR"):  # the same models, problems and seed: the same samples
+    assert again["start_dir"]["evaluations_reused"] is False
+    assert {"eval base", "eval text SFT", "eval LaDiR"} <= set(again["timings"])  # sampled again...
+    for name in ("base", "text SFT", "LaDiR"):  # ...and the same models, problems and seed gave the same samples
         for key in ("pass_at_k", "distinct_answers_mean"):
             assert again["models"][name][key] == earlier["models"][name][key], (name, key)
     assert not (tmp_path / "again" / "text-sft").exists() and not (tmp_path / "again" / "ladir").exists()
+
+    # so by default the starts' evaluations are taken from the earlier run, and only the RL models are sampled
+    result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--ladirl_learning_rate", "1e-2",
+                           "--output_dir", str(tmp_path / "reused"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reused = json.loads((tmp_path / "reused" / "reproduce.json").read_text())
+    assert list(reused["models"]) == MODELS and reused["start_dir"]["evaluations_reused"] is True
+    assert not {"eval base", "eval text SFT", "eval LaDiR"} & set(reused["timings"])
+    assert {"eval GRPO", "eval LaDi-RL (denoiser_adapter)"} <= set(reused["timings"])
+    for name in ("base", "text SFT", "LaDiR"):
+        assert reused["models"][name] == earlier["models"][name], name
+
+    # evaluated with other settings, the earlier results do not apply: sampled again
+    result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--num_test_examples", "3",
+                           "--output_dir", str(tmp_path / "fewer"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fewer = json.loads((tmp_path / "fewer" / "reproduce.json").read_text())
+    assert fewer["start_dir"]["evaluations_reused"] is False and fewer["models"]["base"]["num_problems"] == 3
 
 
 def test_tune_rl_learning_rates_validates_on_unseen_training_problems(reproduce_output, tmp_path):
