@@ -65,17 +65,19 @@ LADIR_RECIPE = dict(
 
 PRESETS = {
     # 2 CPU cores: sized from the measured costs in docs/reproduction.md. LaDi-RL samples 8 latents x 1 decode: the
-    # decodes of a chain_sum latent agreed in every RL step of run 4, so a second decode scores a copy.
+    # decodes of a chain_sum latent agreed in every RL step of run 4, so a second decode scores a copy. The RL
+    # learning rates are run 6's picks on training-split problems (tune_rl_learning_rates.py).
     "cpu": dict(
         model_name_or_path=None, num_train_examples=2048, num_test_examples=64, num_samples=16,
         sft_budget_seconds=480, rl_steps=20, prompts_per_step=2, num_latents=8, num_decodes_per_latent=1,
-        grpo_learning_rate=5e-6, ladirl_learning_rate=5e-4, max_new_tokens=48, eval_batch_size=8,
+        grpo_learning_rate=1.25e-6, ladirl_learning_rate=1.25e-4, max_new_tokens=48, eval_batch_size=8,
     ),
-    # one GPU (written for an H200, not run yet): a 0.5B model, 256 held-out problems
+    # one GPU (written for an H200, not run yet): a 0.5B model, 256 held-out problems; RL learning rates: TRL's
+    # default for GRPO, the CPU preset's pick for LaDi-RL (tune both with tune_rl_learning_rates.py before a report)
     "gpu": dict(
         model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct", num_train_examples=8192, num_test_examples=256,
         num_samples=16, sft_budget_seconds=1200, rl_steps=100, prompts_per_step=16, num_latents=8,
-        num_decodes_per_latent=4, grpo_learning_rate=1e-6, ladirl_learning_rate=5e-4, max_new_tokens=128,
+        num_decodes_per_latent=4, grpo_learning_rate=1e-6, ladirl_learning_rate=1.25e-4, max_new_tokens=128,
         eval_batch_size=32, batch_size=32, lora_rank=64, reasoner_learning_rate=5e-4,
         latent_tokens_per_block=24,  # Qwen2.5 writes numbers digit by digit: longer sentences than SmolLM2's
     ),
