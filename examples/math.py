@@ -176,9 +176,11 @@ RL_DEFAULTS = {
     "train_timestep_fraction": 0.5,
     # A token posterior's prior moves through the denoiser adapter (a LoRA that acts where the priors are read, so the
     # answer decoder stays as it was). For LaDiR's velocity head (--latent_policy_parameters velocity_head), 1e-2 made
-    # every answer empty after one step on SmolLM2-135M; 1e-4 kept them well-formed (docs/quickstart.md).
+    # every answer empty after one step on SmolLM2-135M; 1e-4 kept them well-formed (docs/quickstart.md). The
+    # adapter's rate is reproduce.py's tuned pick: on training-split problems 5e-4 cost 10 points of pass@1 and
+    # 1.25e-4 none (docs/reproduction.md, run 6).
     "latent_policy_parameters": "denoiser_adapter",
-    "learning_rate": 5e-4,
+    "learning_rate": 1.25e-4,
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
