@@ -215,33 +215,36 @@ def latent_generate_fn(model, tokenizer, args):
     )
 
 
-def train_grpo(args, model, tokenizer, train, learning_rate: float, output_dir: str):
-    """TRL `GRPOTrainer` on `model` (trained in place) with `N x M` completions per prompt; returns the trainer."""
+def train_grpo(args, model, tokenizer, train, learning_rate: float, output_dir: str, callbacks=None, **overrides):
+    """TRL `GRPOTrainer` on `model` (trained in place) with `N x M` completions per prompt; returns the trainer.
+    `overrides`: other `GRPOConfig` fields."""
     answers_per_prompt = args.num_latents * args.num_decodes_per_latent
     grpo_args = GRPOConfig(
         output_dir=output_dir, max_steps=args.rl_steps,
         per_device_train_batch_size=args.prompts_per_step * answers_per_prompt, num_generations=answers_per_prompt,
         max_completion_length=args.max_new_tokens, temperature=args.temperature,
-        learning_rate=learning_rate, beta=0.0, **common_training_args(args),
+        learning_rate=learning_rate, beta=0.0, **{**common_training_args(args), **overrides},
     )
     trainer = GRPOTrainer(model=model, reward_funcs=math_accuracy_reward, args=grpo_args, train_dataset=train,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, callbacks=callbacks)
     trainer.train()
     return trainer
 
 
-def train_ladirl(args, model, tokenizer, train, policy: str, learning_rate: float, output_dir: str):
-    """`LaDiRLTrainer` on `model` (trained in place) with `N` latents x `M` decodes per prompt; returns the trainer."""
+def train_ladirl(args, model, tokenizer, train, policy: str, learning_rate: float, output_dir: str, callbacks=None,
+                 **overrides):
+    """`LaDiRLTrainer` on `model` (trained in place) with `N` latents x `M` decodes per prompt; returns the trainer.
+    `overrides`: other `LaDiRLConfig` fields."""
     rl_args = LaDiRLConfig(
         output_dir=output_dir, max_steps=args.rl_steps,
         per_device_train_batch_size=args.prompts_per_step * args.num_latents, num_generations=args.num_latents,
         num_decodes_per_latent=args.num_decodes_per_latent, max_completion_length=args.max_answer_tokens,
         temperature=args.temperature, num_denoise_steps=args.num_denoise_steps,
         sde_noise_level=args.sde_noise_level, train_timestep_fraction=0.5, learning_rate=learning_rate,
-        latent_policy_parameters=policy, **common_training_args(args),
+        latent_policy_parameters=policy, **{**common_training_args(args), **overrides},
     )
     trainer = LaDiRLTrainer(model=model, reward_funcs=math_accuracy_reward, args=rl_args, train_dataset=train,
-                            processing_class=tokenizer)
+                            processing_class=tokenizer, callbacks=callbacks)
     trainer.train()
     return trainer
 

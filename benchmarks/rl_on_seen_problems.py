@@ -1,0 +1,118 @@
+"""Can each RL arm raise the pass rate of the problems it trains on? GRPO and LaDi-RL from `reproduce.py`'s starts.
+
+    python benchmarks/rl_on_seen_problems.py --start_dir R --grpo_learning_rates 5e-6 --ladirl_learning_rates 5e-4
+
+The weakest test of a policy gradient: RL on a few fixed problems only (`--num_problems` training-split problems no
+stage trained on, never the test problems), each seen `steps x prompts_per_step / num_problems` times, with the run's
+rollout budget per step; then the pass rate of those same problems, before and after, from `--num_samples` answers
+each (the same seed, so the same random stream). A policy that cannot raise its reward here cannot on new problems.
+
+Writes `<output_dir>/rl_on_seen_problems.json` (default output_dir: `<start_dir>/rl-on-seen-problems`).
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch
+from datasets import concatenate_datasets
+from reproduce import (  # benchmarks/reproduce.py; validation_split: benchmarks/tune_rl_learning_rates.py
+    GRPO_CURVES,
+    LADIRL_CURVES,
+    evaluate,
+    latent_generate_fn,
+    read_start_dir,
+    text_generate_fn,
+    train_grpo,
+    train_ladirl,
+    training_curve,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from tune_rl_learning_rates import (
+    validation_split,  # benchmarks/tune_rl_learning_rates.py
+)
+
+from trl_ladi import LaDiRModel
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--start_dir", required=True, help="The --output_dir of a finished reproduce.py run.")
+    parser.add_argument("--grpo_learning_rates", type=float, nargs="*", default=[])
+    parser.add_argument("--ladirl_learning_rates", type=float, nargs="*", default=[])
+    parser.add_argument("--num_problems", type=int, default=8, help="The fixed problems RL trains on.")
+    parser.add_argument("--steps", type=int, default=24, help="RL steps (each of the run's prompts per step).")
+    parser.add_argument("--num_samples", type=int, default=32, help="Answers per problem for the pass rates.")
+    parser.add_argument("--output_dir",
+                        help="Where the RL runs and the JSON go (default: <start_dir>/rl-on-seen-problems).")
+    args = parser.parse_args(argv)
+    if not args.grpo_learning_rates and not args.ladirl_learning_rates:
+        parser.error("give --grpo_learning_rates and/or --ladirl_learning_rates")
+    if min(args.grpo_learning_rates + args.ladirl_learning_rates) <= 0:
+        parser.error("learning rates must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    previous = read_start_dir(args.start_dir)
+    settings = argparse.Namespace(**{**previous["settings"], "num_samples": args.num_samples, "rl_steps": args.steps,
+                                     "eval_decodes_per_latent": 1})
+    output_dir = args.output_dir or os.path.join(args.start_dir, "rl-on-seen-problems")
+    os.makedirs(output_dir, exist_ok=True)
+    _, problems = validation_split(settings, args.num_problems)
+    # enough copies of the problems for every step's prompts (GRPO's sampler shuffles them)
+    copies = args.steps * settings.prompts_per_step // args.num_problems + 2
+    train = concatenate_datasets([problems] * copies)
+    sft_dir, ladir_dir = os.path.join(args.start_dir, "text-sft"), os.path.join(args.start_dir, "ladir")
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    report = {"settings": {**vars(args), "start_dir": "<start_dir>", "output_dir": "<output_dir>"},
+              "problems": {"num_problems": len(problems), "times_each_is_trained_on":
+                           args.steps * settings.prompts_per_step / len(problems), "num_samples": args.num_samples},
+              "models": {}, "training": {}, "timings": {}}
+    started = time.perf_counter()
+
+    arms = []
+    if args.grpo_learning_rates:
+        arms.append(("text SFT", "GRPO", args.grpo_learning_rates,
+                     lambda: AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32), text_generate_fn,
+                     lambda model, rate, folder: train_grpo(settings, model, tokenizer, train, rate, folder),
+                     GRPO_CURVES))
+    for policy in settings.latent_policy_parameters if args.ladirl_learning_rates else []:
+        arms.append(("LaDiR", f"LaDi-RL ({policy})", args.ladirl_learning_rates,
+                     lambda: LaDiRModel.from_pretrained(ladir_dir), latent_generate_fn,
+                     lambda model, rate, folder, policy=policy: train_ladirl(settings, model, tokenizer, train, policy,
+                                                                            rate, folder),
+                     LADIRL_CURVES))
+    for start_name, arm_name, rates, make_model, generate_fn, train_fn, curves in arms:
+        if start_name not in report["models"]:
+            evaluate(start_name, generate_fn(make_model().eval(), tokenizer, settings), problems, settings, report)
+        for rate in rates:
+            name = f"{arm_name} lr {rate:g}"
+            set_seed(settings.seed)  # every rate sees the same prompts and random stream
+            model = make_model()
+            start = time.perf_counter()
+            trainer = train_fn(model, rate, os.path.join(output_dir, name.replace(" ", "_")))
+            report["timings"][f"train {name}"] = time.perf_counter() - start
+            report["training"][name] = training_curve(trainer, curves)
+            evaluate(name, generate_fn(model.eval(), tokenizer, settings), problems, settings, report)
+    report["timings"]["total"] = time.perf_counter() - started
+
+    path = os.path.join(output_dir, "rl_on_seen_problems.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"pass@1 / pass@{args.num_samples} on the {len(problems)} problems RL trained on:")
+    for name, result in report["models"].items():
+        print(f"  {name:40s} {100 * result['pass_at_k'][1]:5.1f} / {100 * result['pass_at_k'][args.num_samples]:5.1f}")
+    print(f"Wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
