@@ -14,8 +14,8 @@ so `signal_fraction` = mean_{i != j} g_i . g_j / mean_i |g_i|^2 estimates |mu|^2
 squared gradient norm that points where the expected gradient does (1: no noise; 0: no signal; negative values are
 estimates of 0). The mean of k batches has |mu|^2 / (|mu|^2 + tr(Sigma) / k), so (1 - f) / f batches give the signal
 and the noise equal weight (`batches_for_equal_signal_and_noise`). Batches in which every prompt's answers all scored
-the same have no gradient (zero advantages): they are counted and left out. Its standard error comes from the spread of
-the pairwise products over the batches (a jackknife over batches).
+the same have no gradient (zero advantages): they are counted and left out. The estimate's standard error is a
+jackknife over batches.
 
 Writes `<output_dir>/gradient_snr.json` (default output_dir: `<start_dir>/gradient-snr`).
 """
@@ -29,14 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from datasets import concatenate_datasets
-from reproduce import (  # benchmarks/reproduce.py; validation_split: benchmarks/tune_rl_learning_rates.py
-    read_start_dir,
-    train_grpo,
-    train_ladirl,
-)
+from reproduce import read_start_dir, train_grpo, train_ladirl
+from rl_on_seen_problems import fixed_problems
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
-from tune_rl_learning_rates import validation_split
 
 from trl_ladi import LaDiRModel
 from trl_ladi.data import load_math_dataset
@@ -67,8 +62,9 @@ def signal_fraction(gradients: list) -> dict:
     # Gram matrix in float64, one row at a time (a batch gradient of the full model has 135M entries)
     gram = torch.zeros(len(kept), len(kept), dtype=torch.float64)
     for i, row in enumerate(kept):
+        row = row.double()
         for j in range(i, len(kept)):
-            gram[i, j] = gram[j, i] = torch.dot(row.double(), kept[j].double())
+            gram[i, j] = gram[j, i] = torch.dot(row, kept[j].double())
 
     def estimate(indices):
         sub = gram[indices][:, indices]
@@ -116,9 +112,7 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join(args.start_dir, "gradient-snr")
     os.makedirs(output_dir, exist_ok=True)
     if args.num_problems:
-        _, problems = validation_split(settings, args.num_problems)
-        # as rl_on_seen_problems.py: copies of the problems for every step's prompts
-        train = concatenate_datasets([problems] * (args.num_batches * settings.prompts_per_step // len(problems) + 2))
+        _, train = fixed_problems(settings, args.num_problems, args.num_batches)
     else:
         options = dict(seed=settings.seed, conversational=False, instruction=None)
         train = load_math_dataset(settings.dataset_name, "train", settings.num_train_examples, **options)

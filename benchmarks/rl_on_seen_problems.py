@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 from datasets import concatenate_datasets
-from reproduce import (  # benchmarks/reproduce.py; validation_split: benchmarks/tune_rl_learning_rates.py
+from reproduce import (  # benchmarks/reproduce.py
     GRPO_CURVES,
     LADIRL_CURVES,
     evaluate,
@@ -32,11 +32,17 @@ from reproduce import (  # benchmarks/reproduce.py; validation_split: benchmarks
     training_curve,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from tune_rl_learning_rates import (
-    validation_split,  # benchmarks/tune_rl_learning_rates.py
-)
+from tune_rl_learning_rates import validation_split
 
 from trl_ladi import LaDiRModel
+
+
+def fixed_problems(settings: argparse.Namespace, num_problems: int, num_steps: int):
+    """The first `num_problems` training-split problems no stage trained on, and a training set of them alone with
+    enough copies for `num_steps` steps of `settings.prompts_per_step` prompts (GRPO's sampler shuffles them)."""
+    _, problems = validation_split(settings, num_problems)
+    copies = num_steps * settings.prompts_per_step // num_problems + 2
+    return problems, concatenate_datasets([problems] * copies)
 
 
 def parse_args(argv=None):
@@ -64,10 +70,7 @@ def main(argv=None):
                                      "eval_decodes_per_latent": 1})
     output_dir = args.output_dir or os.path.join(args.start_dir, "rl-on-seen-problems")
     os.makedirs(output_dir, exist_ok=True)
-    _, problems = validation_split(settings, args.num_problems)
-    # enough copies of the problems for every step's prompts (GRPO's sampler shuffles them)
-    copies = args.steps * settings.prompts_per_step // args.num_problems + 2
-    train = concatenate_datasets([problems] * copies)
+    problems, train = fixed_problems(settings, args.num_problems, args.steps)
     sft_dir, ladir_dir = os.path.join(args.start_dir, "text-sft"), os.path.join(args.start_dir, "ladir")
     tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
     if tokenizer.pad_token is None:
