@@ -29,9 +29,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from reproduce import read_start_dir, train_grpo, train_ladirl
+from reproduce import (
+    read_start_dir,
+    start_folders_and_tokenizer,
+    train_grpo,
+    train_ladirl,
+)
 from rl_on_seen_problems import fixed_problems
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 
 from trl_ladi import LaDiRModel
 from trl_ladi.data import load_math_dataset
@@ -116,10 +121,7 @@ def main(argv=None):
     else:
         options = dict(seed=settings.seed, conversational=False, instruction=None)
         train = load_math_dataset(settings.dataset_name, "train", settings.num_train_examples, **options)
-    sft_dir, ladir_dir = os.path.join(args.start_dir, "text-sft"), os.path.join(args.start_dir, "ladir")
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    sft_dir, ladir_dir, tokenizer = start_folders_and_tokenizer(args.start_dir)
     answers_per_prompt = settings.num_latents * settings.num_decodes_per_latent
     report = {"settings": {**vars(args), "start_dir": "<start_dir>", "output_dir": "<output_dir>"},
               "rl_budget": {"prompts_per_step": settings.prompts_per_step, "answers_per_prompt": answers_per_prompt},

@@ -275,6 +275,15 @@ def read_start_dir(start_dir: str) -> dict:
         return json.load(f)
 
 
+def start_folders_and_tokenizer(start_dir: str):
+    """The text SFT and LaDiR folders of the finished run in `start_dir`, and their tokenizer (left padding)."""
+    sft_dir, ladir_dir = os.path.join(start_dir, "text-sft"), os.path.join(start_dir, "ladir")
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return sft_dir, ladir_dir, tokenizer
+
+
 # The settings that decide a model's evaluation samples, beside the model itself and START_SETTINGS.
 EVAL_SETTINGS = (
     "num_test_examples", "num_samples", "eval_decodes_per_latent", "eval_batch_size", "temperature", "max_new_tokens",

@@ -26,13 +26,13 @@ from reproduce import (  # benchmarks/reproduce.py
     evaluate,
     latent_generate_fn,
     read_start_dir,
+    start_folders_and_tokenizer,
     text_generate_fn,
     train_grpo,
     train_ladirl,
-    training_curve,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from tune_rl_learning_rates import validation_split
+from transformers import AutoModelForCausalLM
+from tune_rl_learning_rates import train_and_evaluate_rl, validation_split
 
 from trl_ladi import LaDiRModel
 
@@ -71,10 +71,7 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join(args.start_dir, "rl-on-seen-problems")
     os.makedirs(output_dir, exist_ok=True)
     problems, train = fixed_problems(settings, args.num_problems, args.steps)
-    sft_dir, ladir_dir = os.path.join(args.start_dir, "text-sft"), os.path.join(args.start_dir, "ladir")
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    sft_dir, ladir_dir, tokenizer = start_folders_and_tokenizer(args.start_dir)
     report = {"settings": {**vars(args), "start_dir": "<start_dir>", "output_dir": "<output_dir>"},
               "problems": {"num_problems": len(problems), "times_each_is_trained_on":
                            args.steps * settings.prompts_per_step / len(problems), "num_samples": args.num_samples},
@@ -97,14 +94,10 @@ def main(argv=None):
         if start_name not in report["models"]:
             evaluate(start_name, generate_fn(make_model().eval(), tokenizer, settings), problems, settings, report)
         for rate in rates:
-            name = f"{arm_name} lr {rate:g}"
-            set_seed(settings.seed)  # every rate sees the same prompts and random stream
-            model = make_model()
-            start = time.perf_counter()
-            trainer = train_fn(model, rate, os.path.join(output_dir, name.replace(" ", "_")))
-            report["timings"][f"train {name}"] = time.perf_counter() - start
-            report["training"][name] = training_curve(trainer, curves)
-            evaluate(name, generate_fn(model.eval(), tokenizer, settings), problems, settings, report)
+            train_and_evaluate_rl(
+                f"{arm_name} lr {rate:g}", lambda model, folder: train_fn(model, rate, folder), make_model, generate_fn,
+                curves, settings=settings, tokenizer=tokenizer, problems=problems, output_dir=output_dir, report=report,
+            )
     report["timings"]["total"] = time.perf_counter() - started
 
     path = os.path.join(output_dir, "rl_on_seen_problems.json")

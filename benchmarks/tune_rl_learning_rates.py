@@ -29,12 +29,13 @@ from reproduce import (  # benchmarks/reproduce.py: the two arms' RL stages and 
     evaluate,
     latent_generate_fn,
     read_start_dir,
+    start_folders_and_tokenizer,
     text_generate_fn,
     train_grpo,
     train_ladirl,
     training_curve,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 
 from trl_ladi import LaDiRModel
 from trl_ladi.data import load_math_dataset
@@ -73,6 +74,19 @@ def pick(results: dict, num_samples: int) -> float:
     return max(results, key=lambda rate: (results[rate]["pass_at_k"][1], results[rate]["pass_at_k"][num_samples]))
 
 
+def train_and_evaluate_rl(name, train_fn, make_model, generate_fn, curves, *, settings, tokenizer, problems, output_dir,
+                          report):
+    """RL from a fresh `make_model()` with `train_fn(model, folder)`, then pass@k on `problems`: its time, training
+    `curves` and pass@k go into `report` under `name`."""
+    set_seed(settings.seed)  # every rate sees the same prompts and random stream
+    model = make_model()
+    start = time.perf_counter()
+    trainer = train_fn(model, os.path.join(output_dir, name.replace(" ", "_")))
+    report["timings"][f"train {name}"] = time.perf_counter() - start
+    report["training"][name] = training_curve(trainer, curves)
+    evaluate(name, generate_fn(model.eval(), tokenizer, settings), problems, settings, report)
+
+
 def main(argv=None):
     args = parse_args(argv)
     previous = read_start_dir(args.start_dir)
@@ -81,10 +95,7 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join(args.start_dir, "tune-rl")
     os.makedirs(output_dir, exist_ok=True)
     train, validation = validation_split(settings, args.num_validation_examples)
-    sft_dir, ladir_dir = os.path.join(args.start_dir, "text-sft"), os.path.join(args.start_dir, "ladir")
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    sft_dir, ladir_dir, tokenizer = start_folders_and_tokenizer(args.start_dir)
     report = {"settings": {**vars(args), "start_dir": "<start_dir>", "output_dir": "<output_dir>"},
               "run_settings": {**previous["settings"], "output_dir": "<output_dir>"},
               "validation": {"num_problems": len(validation), "num_samples": args.num_samples},
@@ -92,13 +103,8 @@ def main(argv=None):
     started = time.perf_counter()
 
     def train_and_evaluate(name, train_fn, make_model, generate_fn, curves):
-        set_seed(settings.seed)  # every rate sees the same prompts and random stream
-        model = make_model()
-        start = time.perf_counter()
-        trainer = train_fn(model, os.path.join(output_dir, name.replace(" ", "_")))
-        report["timings"][f"train {name}"] = time.perf_counter() - start
-        report["training"][name] = training_curve(trainer, curves)
-        evaluate(name, generate_fn(model.eval(), tokenizer, settings), validation, settings, report)
+        train_and_evaluate_rl(name, train_fn, make_model, generate_fn, curves, settings=settings, tokenizer=tokenizer,
+                              problems=validation, output_dir=output_dir, report=report)
 
     def text_sft_model():
         return AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)

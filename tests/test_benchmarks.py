@@ -18,6 +18,15 @@ def run_benchmark(script, *argv, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+def import_benchmark(name: str):
+    """A module of benchmarks/ (they import each other by file name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 def run_reproduce(*argv, cwd):
     return run_benchmark("reproduce.py", *argv, cwd=cwd)
 
@@ -199,11 +208,7 @@ def test_tune_rl_learning_rates_validates_on_unseen_training_problems(reproduce_
 def test_validation_split_is_outside_the_training_rows():
     import argparse
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from tune_rl_learning_rates import validation_split
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    validation_split = import_benchmark("tune_rl_learning_rates").validation_split
     from trl_ladi.data import load_math_dataset
 
     settings = argparse.Namespace(seed=0, dataset_name="chain_sum", num_train_examples=64)
@@ -212,14 +217,6 @@ def test_validation_split_is_outside_the_training_rows():
     assert not set(validation["prompt"]) & set(train["prompt"])
     test = load_math_dataset("chain_sum", "test", 200, seed=0, conversational=False, instruction=None)
     assert not set(validation["prompt"]) & set(test["prompt"])
-
-
-def import_benchmark(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.mark.statistical
