@@ -1,6 +1,7 @@
 """Can each RL arm raise the pass rate of the problems it trains on? GRPO and LaDi-RL from `reproduce.py`'s starts.
 
     python benchmarks/rl_on_seen_problems.py --start_dir R --grpo_learning_rates 5e-6 --ladirl_learning_rates 5e-4
+    python benchmarks/rl_on_seen_problems.py --start_dir R --ladirl_learning_rates 2.5e-4 --latent_kl_betas 0 1e-2
 
 The weakest test of a policy gradient: RL on a few fixed problems only (`--num_problems` training-split problems no
 stage trained on, never the test problems), each seen `steps x prompts_per_step / num_problems` times, with the run's
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--start_dir", required=True, help="The --output_dir of a finished reproduce.py run.")
     parser.add_argument("--grpo_learning_rates", type=float, nargs="*", default=[])
     parser.add_argument("--ladirl_learning_rates", type=float, nargs="*", default=[])
+    parser.add_argument("--latent_kl_betas", type=float, nargs="+", default=[0.0],
+                        help="LaDi-RL's `latent_kl_beta` (KL to the start's denoiser, summed over a block's numbers): "
+                        "each LaDi-RL learning rate is run with each of these.")
     parser.add_argument("--num_problems", type=int, default=8, help="The fixed problems RL trains on.")
     parser.add_argument("--steps", type=int, default=24, help="RL steps (each of the run's prompts per step).")
     parser.add_argument("--num_samples", type=int, default=32, help="Answers per problem for the pass rates.")
@@ -60,6 +64,8 @@ def parse_args(argv=None):
         parser.error("give --grpo_learning_rates and/or --ladirl_learning_rates")
     if min(args.grpo_learning_rates + args.ladirl_learning_rates) <= 0:
         parser.error("learning rates must be positive")
+    if min(args.latent_kl_betas) < 0:
+        parser.error("--latent_kl_betas must be >= 0")
     return args
 
 
@@ -78,26 +84,26 @@ def main(argv=None):
               "models": {}, "training": {}, "timings": {}}
     started = time.perf_counter()
 
-    arms = []
-    if args.grpo_learning_rates:
-        arms.append(("text SFT", "GRPO", args.grpo_learning_rates,
-                     lambda: AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32), text_generate_fn,
-                     lambda model, rate, folder: train_grpo(settings, model, tokenizer, train, rate, folder),
-                     GRPO_CURVES))
-    for policy in settings.latent_policy_parameters if args.ladirl_learning_rates else []:
-        arms.append(("LaDiR", f"LaDi-RL ({policy})", args.ladirl_learning_rates,
-                     lambda: LaDiRModel.from_pretrained(ladir_dir), latent_generate_fn,
-                     lambda model, rate, folder, policy=policy: train_ladirl(settings, model, tokenizer, train, policy,
-                                                                            rate, folder),
-                     LADIRL_CURVES))
-    for start_name, arm_name, rates, make_model, generate_fn, train_fn, curves in arms:
+    # one run per (arm, learning rate, LaDi-RL's KL weight): (start, run name, make_model, train_fn, generate_fn, curves)
+    runs = []
+    for rate in args.grpo_learning_rates:
+        runs.append(("text SFT", f"GRPO lr {rate:g}",
+                     lambda: AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32),
+                     lambda model, folder, rate=rate: train_grpo(settings, model, tokenizer, train, rate, folder),
+                     text_generate_fn, GRPO_CURVES))
+    for policy in settings.latent_policy_parameters:
+        for rate in args.ladirl_learning_rates:
+            for beta in args.latent_kl_betas:
+                runs.append(("LaDiR", f"LaDi-RL ({policy}) lr {rate:g}" + (f" latent_kl_beta {beta:g}" if beta else ""),
+                             lambda: LaDiRModel.from_pretrained(ladir_dir),
+                             lambda model, folder, policy=policy, rate=rate, beta=beta: train_ladirl(
+                                 settings, model, tokenizer, train, policy, rate, folder, latent_kl_beta=beta),
+                             latent_generate_fn, LADIRL_CURVES + (("latent_kl",) if beta else ())))
+    for start_name, run_name, make_model, train_fn, generate_fn, curves in runs:
         if start_name not in report["models"]:
             evaluate(start_name, generate_fn(make_model().eval(), tokenizer, settings), problems, settings, report)
-        for rate in rates:
-            train_and_evaluate_rl(
-                f"{arm_name} lr {rate:g}", lambda model, folder: train_fn(model, rate, folder), make_model, generate_fn,
-                curves, settings=settings, tokenizer=tokenizer, problems=problems, output_dir=output_dir, report=report,
-            )
+        train_and_evaluate_rl(run_name, train_fn, make_model, generate_fn, curves, settings=settings,
+                              tokenizer=tokenizer, problems=problems, output_dir=output_dir, report=report)
     report["timings"]["total"] = time.perf_counter() - started
 
     path = os.path.join(output_dir, "rl_on_seen_problems.json")

@@ -269,14 +269,20 @@ def test_gradient_snr_records_one_gradient_per_batch_of_each_arm(reproduce_outpu
 def test_rl_on_seen_problems_trains_and_evaluates_on_the_same_unseen_problems(reproduce_output, tmp_path):
     output = tmp_path / "seen"
     result = run_benchmark("rl_on_seen_problems.py", "--start_dir", str(reproduce_output), "--grpo_learning_rates",
-                           "1e-5", "--ladirl_learning_rates", "1e-3", "--num_problems", "2", "--steps", "2",
-                           "--num_samples", "2", "--output_dir", str(output), cwd=tmp_path)
+                           "1e-5", "--ladirl_learning_rates", "1e-3", "--latent_kl_betas", "0", "0.1",
+                           "--num_problems", "2", "--steps", "2", "--num_samples", "2", "--output_dir", str(output),
+                           cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output / "rl_on_seen_problems.json").read_text())
-    assert list(report["models"]) == ["text SFT", "GRPO lr 1e-05", "LaDiR", "LaDi-RL (denoiser_adapter) lr 0.001"]
+    with_kl = "LaDi-RL (denoiser_adapter) lr 0.001 latent_kl_beta 0.1"
+    assert list(report["models"]) == ["text SFT", "GRPO lr 1e-05", "LaDiR", "LaDi-RL (denoiser_adapter) lr 0.001",
+                                      with_kl]
     for name, model in report["models"].items():
         assert model["num_problems"] == 2 and model["num_samples"] == 2, name
     # 2 steps x 2 prompts over 2 problems: each problem twice
     assert report["problems"]["times_each_is_trained_on"] == 2
     assert all(len(curve) == 2 for curve in report["training"]["LaDi-RL (denoiser_adapter) lr 0.001"].values())
+    # the KL run logs its KL to the start's denoiser at every step: 0 at the first (the policy is the reference)
+    kl = report["training"][with_kl]["latent_kl"]
+    assert len(kl) == 2 and kl[0] == pytest.approx(0, abs=1e-6)
     assert str(tmp_path) not in (output / "rl_on_seen_problems.json").read_text()  # no machine paths
