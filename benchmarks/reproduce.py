@@ -130,6 +130,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_decodes_per_latent", type=int, help="M: answers per latent; GRPO samples N x M.")
     parser.add_argument("--grpo_learning_rate", type=float)
     parser.add_argument("--ladirl_learning_rate", type=float)
+    parser.add_argument("--latent_kl_beta", type=float, default=0.0,
+                        help="LaDi-RL's KL to the start's denoiser (`LaDiRLConfig.latent_kl_beta`): its trust region, "
+                             "since one optimizer step per rollout batch leaves the clipped ratio at 1.")
     parser.add_argument("--latent_policy_parameters", nargs="+", default=["denoiser_adapter"],
                         help="One LaDi-RL run (and evaluated model) per value, all from the same LaDiR start "
                              "('velocity_head' needs --velocity_parameterization direct: a token posterior has no head).")
@@ -339,12 +342,15 @@ def latent_arm(args, base, tokenizer, train, test, report, earlier=None):
 
     for policy in args.latent_policy_parameters:
         name = f"LaDi-RL ({policy})"
+        if args.latent_kl_beta:
+            name = f"LaDi-RL ({policy}, latent_kl_beta {args.latent_kl_beta:g})"
         model = LaDiRModel.from_pretrained(ladir_dir)  # every run starts from the same LaDiR model
         start = time.perf_counter()
         trainer = train_ladirl(args, model, tokenizer, train, policy, args.ladirl_learning_rate,
-                               os.path.join(args.output_dir, f"ladirl-{policy}"))
+                               os.path.join(args.output_dir, f"ladirl-{policy}"), latent_kl_beta=args.latent_kl_beta)
         report["timings"][f"train {name}"] = time.perf_counter() - start
-        report["training"][name] = training_curve(trainer, LADIRL_CURVES)
+        curves = LADIRL_CURVES + (("latent_kl",) if args.latent_kl_beta else ())
+        report["training"][name] = training_curve(trainer, curves)
         evaluate(name, latent_generate_fn(model, tokenizer, args), test, args, report)
 
 

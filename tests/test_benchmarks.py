@@ -166,14 +166,17 @@ def test_reproduce_reuses_starts_and_refuses_other_settings(reproduce_output, tm
             assert again["models"][name][key] == earlier["models"][name][key], (name, key)
     assert not (tmp_path / "again" / "text-sft").exists() and not (tmp_path / "again" / "ladir").exists()
 
-    # so by default the starts' evaluations are taken from the earlier run, and only the RL models are sampled
+    # so by default the starts' evaluations are taken from the earlier run, and only the RL models are sampled; with
+    # a latent KL the LaDi-RL model is named after it and its KL to the start logged (0 before the first step)
     result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--ladirl_learning_rate", "1e-2",
-                           "--output_dir", str(tmp_path / "reused"), cwd=tmp_path)
+                           "--latent_kl_beta", "0.1", "--output_dir", str(tmp_path / "reused"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     reused = json.loads((tmp_path / "reused" / "reproduce.json").read_text())
-    assert list(reused["models"]) == MODELS and reused["start_dir"]["evaluations_reused"] is True
+    kl_model = "LaDi-RL (denoiser_adapter, latent_kl_beta 0.1)"
+    assert list(reused["models"]) == [*MODELS[:-1], kl_model] and reused["start_dir"]["evaluations_reused"] is True
     assert not {"eval base", "eval text SFT", "eval LaDiR"} & set(reused["timings"])
-    assert {"eval GRPO", "eval LaDi-RL (denoiser_adapter)"} <= set(reused["timings"])
+    assert {"eval GRPO", f"eval {kl_model}"} <= set(reused["timings"])
+    assert reused["training"][kl_model]["latent_kl"][0] == pytest.approx(0.0, abs=1e-6)
     for name in ("base", "text SFT", "LaDiR"):
         assert reused["models"][name] == earlier["models"][name], name
 
