@@ -145,6 +145,8 @@ def parse_args(argv=None):
     if args.eval_decodes_per_latent < 1 or args.num_samples % args.eval_decodes_per_latent:
         parser.error(f"--num_samples {args.num_samples} must be a multiple of --eval_decodes_per_latent "
                      f"{args.eval_decodes_per_latent} (LaDiR samples = latents x decodes per latent).")
+    if args.latent_kl_beta < 0:  # fail before the starts' training, not after it
+        parser.error(f"--latent_kl_beta must be >= 0, got {args.latent_kl_beta}.")
     return args
 
 

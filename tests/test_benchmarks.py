@@ -73,6 +73,8 @@ def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
     assert config["rl_steps"] == 3 and not config["token_aligned_latents"]  # a flag overrides its preset
     result = run_reproduce("--preset", "tiny", "--num_samples", "3", "--eval_decodes_per_latent", "2", cwd=tmp_path)
     assert result.returncode != 0 and "must be a multiple of --eval_decodes_per_latent" in result.stderr
+    result = run_reproduce("--preset", "tiny", "--latent_kl_beta", "-0.1", cwd=tmp_path)
+    assert result.returncode != 0 and "--latent_kl_beta must be >= 0" in result.stderr
     assert not (tmp_path / "outputs").exists()  # refused before anything was written
 
 
