@@ -1116,19 +1116,21 @@ class LaDiRModel(PreTrainedModel):
         velocity = (noisy_latents.to(clean_latents.dtype) - clean_latents) / t.to(clean_latents.dtype)[..., None, None]
         return {"velocity": velocity, "clean_latents": clean_latents, "slot_logits": slot_logits}
 
-    def posterior_velocity(self, slot_logits, noisy_latents, t, codebook=None) -> torch.Tensor:
+    def posterior_velocity(self, slot_logits, noisy_latents, t, codebook=None, codebook_squared_norms=None):
         """The token-posterior velocity ``(..., L, D)`` at noisy latents ``z_t`` ``(..., L, D)``, times ``t`` ``(...)``,
-        from the slots' prior logits ``(..., L, V)`` (read from the clean slots before each slot).
+        from the slots' prior logits ``(..., L, V)`` (read from the clean slots before each slot; a leading dimension
+        of size 1 is shared by the latents' steps).
 
         ``v = (z_t - E[z_0 | z_t]) / t`` with the exact posterior mean of a codebook prior
-        (`sampling.codebook_posterior_mean`; noise std `initial_noise_scale`, the sampler's).
+        (`sampling.codebook_posterior_mean`; noise std `initial_noise_scale`, the sampler's). ``codebook`` and
+        ``codebook_squared_norms``: `latent_codebook()` and its rows' squared norms, when the caller has them.
         """
         codebook = self.latent_codebook() if codebook is None else codebook
         dtype = torch.promote_types(slot_logits.dtype, noisy_latents.dtype)
         t = t.to(dtype)[..., None]  # one time per block, for each of its slots
         prior_logits = slot_logits.to(dtype) / self.config.token_readout_temperature
         clean_estimate = sampling.codebook_posterior_mean(
-            prior_logits, noisy_latents.to(dtype), t, codebook, self.config.initial_noise_scale
+            prior_logits, noisy_latents.to(dtype), t, codebook, self.config.initial_noise_scale, codebook_squared_norms
         )
         return (noisy_latents.to(dtype) - clean_estimate) / t[..., None]
 
@@ -1400,7 +1402,6 @@ class LaDiRModel(PreTrainedModel):
         a denoiser adapter acts, as in the sampler), whatever the number of steps scored.
         """
         batch, num_blocks = block_mask.shape
-        num_steps = step_latents.shape[2]
         slot_logits = self._packed_forward(
             prompt_ids,
             prompt_mask,
@@ -1411,7 +1412,7 @@ class LaDiRModel(PreTrainedModel):
             noisy_block_index=torch.arange(num_blocks, device=latents.device).expand(batch, -1),
             detach_velocity_features=detach_features,
         )["slot_logits"]  # (B, Bm, L, V)
-        prior = slot_logits[:, :, None].expand(-1, -1, num_steps, -1, -1)  # every step of a block reads the same prior
+        prior = slot_logits[:, :, None]  # (B, Bm, 1, L, V): every step of a block reads the same prior
         return self.posterior_velocity(prior, step_latents, t).flatten(1, 2)
 
     def answer_log_probs(self, prompt_ids, prompt_mask, latents, block_mask, answer_ids, answer_mask, temperature=1.0):

@@ -294,6 +294,7 @@ class LaDiRPipeline:
         if block_context.latent_codebook is None:
             block_context.latent_codebook = model.latent_codebook()  # a constant of the pass
         codebook = block_context.latent_codebook
+        codebook_squared_norms = codebook.square().sum(-1)  # |c_v|^2: every posterior step of the block reads them
         slots = []
         for slot in range(z.shape[1]):
             previous = None if slot == 0 else slots[-1]["step_latents"][:, -1, 0]  # where the last slot ended
@@ -302,7 +303,8 @@ class LaDiRPipeline:
             steps = {"step_latents": [x], "step_means": [], "step_stds": [], "step_log_probs": [], "mean_offsets": []}
             for step in range(len(timesteps) - 1):
                 t, t_next = timesteps[step].expand(rows), timesteps[step + 1].expand(rows)
-                x = self._policy_step(steps, x, model.posterior_velocity(prior, x, t, codebook), t, t_next, policy)
+                velocity = model.posterior_velocity(prior, x, t, codebook, codebook_squared_norms)
+                x = self._policy_step(steps, x, velocity, t, t_next, policy)
             slots.append({name: torch.stack(values, 1) for name, values in steps.items()})
         return {
             "step_latents": torch.cat([s["step_latents"] for s in slots], 2),  # (R, K + 1, L, D)

@@ -152,7 +152,12 @@ def sde_step(
 
 
 def codebook_posterior_mean(
-    prior_logits: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, codebook: torch.Tensor, noise_scale: float
+    prior_logits: torch.Tensor,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    codebook: torch.Tensor,
+    noise_scale: float,
+    codebook_squared_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The exact denoiser ``E[z_0 | z_t]`` when ``z_0`` is one row of ``codebook`` ``(V, D)`` with prior
     ``softmax(prior_logits)`` ``(..., V)``, and ``z_t = (1 - t) z_0 + t noise_scale eps`` (``sample``, ``(..., D)``).
@@ -160,17 +165,23 @@ def codebook_posterior_mean(
     Bayes: ``p(v | z_t) ~ p(v) N(z_t; (1 - t) c_v, (t noise_scale)^2 I)``, so the posterior logits are the prior's minus
     ``|z_t - (1 - t) c_v|^2 / (2 t^2 noise_scale^2)``; the mean is ``sum_v p(v | z_t) c_v``. At ``t = 1`` the noise
     says nothing and the mean is the prior's; as ``t -> 0`` it picks the nearest codebook row. ``t`` ``(...)`` per row;
-    the caller never evaluates ``t = 0``.
+    the caller never evaluates ``t = 0``. ``prior_logits`` may have size 1 where ``sample`` has more (one prior for
+    several steps); ``codebook_squared_norms`` ``(V,)``: ``|c_v|^2``, when the caller already has them (the sampler
+    reuses them for every step of a pass).
     """
     t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device)[..., None]
     codebook = codebook.to(sample.dtype)
-    # |z - (1 - t) c|^2 = |z|^2 - 2 (1 - t) z.c + (1 - t)^2 |c|^2, without a (..., V, D) difference tensor
-    squared_distance = (
-        sample.pow(2).sum(-1, keepdim=True)
-        - 2 * (1 - t) * (sample @ codebook.T)
-        + (1 - t) ** 2 * codebook.pow(2).sum(-1)
+    if codebook_squared_norms is None:
+        codebook_squared_norms = codebook.square().sum(-1)
+    # |z - (1 - t) c_v|^2 = |z|^2 - 2 (1 - t) z.c_v + (1 - t)^2 |c_v|^2. |z|^2 is the same for every v and cancels in
+    # the softmax, so the logits are  prior + a z.c_v - (1 - t) a / 2 |c_v|^2  with  a = (1 - t) / (t noise_scale)^2
+    # (two passes over the (..., V) scores, no (..., V, D) difference tensor).
+    scale = (1 - t) / (t * noise_scale) ** 2
+    scores = (sample.reshape(-1, sample.shape[-1]) @ codebook.T).view(*sample.shape[:-1], -1)  # z.c_v
+    posterior_logits = torch.addcmul(prior_logits.to(sample.dtype), scale, scores)
+    posterior_logits = torch.addcmul(
+        posterior_logits, scale * (1 - t) / 2, codebook_squared_norms.to(sample.dtype), value=-1
     )
-    posterior_logits = prior_logits.to(sample.dtype) - squared_distance / (2 * (t * noise_scale) ** 2)
     return posterior_logits.softmax(-1) @ codebook
 
 
