@@ -111,7 +111,8 @@ def main(argv=None):
     if args.num_batches < 3:
         parser.error("--num_batches must be at least 3 (the estimate needs pairs, its error a jackknife)")
     previous = read_start_dir(args.start_dir)
-    settings = argparse.Namespace(**{**previous["settings"], "rl_steps": args.num_batches})
+    settings = argparse.Namespace(**{**previous["settings"], "rl_steps": args.num_batches,
+                                     "gradient_accumulation_steps": 1})  # one gradient per rollout batch
     settings.num_latents = args.num_latents or settings.num_latents
     settings.prompts_per_step = args.prompts_per_step or settings.prompts_per_step
     output_dir = args.output_dir or os.path.join(args.start_dir, "gradient-snr")

@@ -72,7 +72,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     previous = read_start_dir(args.start_dir)
-    settings = argparse.Namespace(**{**previous["settings"], "num_samples": args.num_samples, "rl_steps": args.steps,
+    settings = argparse.Namespace(**{"gradient_accumulation_steps": 1,  # runs made before reproduce.py had the flag
+                                     **previous["settings"], "num_samples": args.num_samples, "rl_steps": args.steps,
                                      "eval_decodes_per_latent": 1})
     output_dir = args.output_dir or os.path.join(args.start_dir, "rl-on-seen-problems")
     os.makedirs(output_dir, exist_ok=True)

@@ -90,7 +90,8 @@ def train_and_evaluate_rl(name, train_fn, make_model, generate_fn, curves, *, se
 def main(argv=None):
     args = parse_args(argv)
     previous = read_start_dir(args.start_dir)
-    settings = argparse.Namespace(**{**previous["settings"], "num_samples": args.num_samples,
+    settings = argparse.Namespace(**{"gradient_accumulation_steps": 1,  # runs made before reproduce.py had the flag
+                                     **previous["settings"], "num_samples": args.num_samples,
                                      "eval_decodes_per_latent": 1})
     output_dir = args.output_dir or os.path.join(args.start_dir, "tune-rl")
     os.makedirs(output_dir, exist_ok=True)

@@ -75,6 +75,9 @@ def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
     assert result.returncode != 0 and "must be a multiple of --eval_decodes_per_latent" in result.stderr
     result = run_reproduce("--preset", "tiny", "--latent_kl_beta", "-0.1", cwd=tmp_path)
     assert result.returncode != 0 and "--latent_kl_beta must be >= 0" in result.stderr
+    result = run_reproduce("--preset", "tiny", "--prompts_per_step", "3", "--gradient_accumulation_steps", "2",
+                           cwd=tmp_path)
+    assert result.returncode != 0 and "must be a multiple of --gradient_accumulation_steps" in result.stderr
     assert not (tmp_path / "outputs").exists()  # refused before anything was written
 
 
@@ -169,11 +172,15 @@ def test_reproduce_reuses_starts_and_refuses_other_settings(reproduce_output, tm
     assert not (tmp_path / "again" / "text-sft").exists() and not (tmp_path / "again" / "ladir").exists()
 
     # so by default the starts' evaluations are taken from the earlier run, and only the RL models are sampled; with
-    # a latent KL the LaDi-RL model is named after it and its KL to the start logged (0 before the first step)
+    # a latent KL the LaDi-RL model is named after it and its KL to the start logged (0 before the first step); both
+    # arms here score their 2 prompts a step in 2 micro-batches
     result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--ladirl_learning_rate", "1e-2",
-                           "--latent_kl_beta", "0.1", "--output_dir", str(tmp_path / "reused"), cwd=tmp_path)
+                           "--latent_kl_beta", "0.1", "--gradient_accumulation_steps", "2",
+                           "--output_dir", str(tmp_path / "reused"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     reused = json.loads((tmp_path / "reused" / "reproduce.json").read_text())
+    assert reused["settings"]["gradient_accumulation_steps"] == 2
+    assert all(len(curve["reward"]) == reused["rl_budget"]["steps"] for curve in reused["training"].values())
     kl_model = "LaDi-RL (denoiser_adapter, latent_kl_beta 0.1)"
     assert list(reused["models"]) == [*MODELS[:-1], kl_model] and reused["start_dir"]["evaluations_reused"] is True
     assert not {"eval base", "eval text SFT", "eval LaDiR"} & set(reused["timings"])

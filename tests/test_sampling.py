@@ -347,6 +347,15 @@ def test_codebook_posterior_mean_is_bayes_rule_over_the_codebook():
         log_posterior = prior_logits[row] + likelihood.log_prob(sample[row]).sum(-1)
         expected = log_posterior.softmax(-1) @ codebook
         torch.testing.assert_close(mean[row], expected, rtol=1e-10, atol=1e-10)
+    # the sampler's shortcuts: the rows' squared norms passed in, and one prior shared by several steps (size 1)
+    with_norms = sampling.codebook_posterior_mean(prior_logits, sample, t, codebook, noise_scale, codebook.square().sum(-1))
+    torch.testing.assert_close(with_norms, mean, rtol=0, atol=0)
+    steps = torch.stack([sample, sample.flip(0), 2 * sample], 1)  # (4, 3, 5): three steps per row
+    step_times = torch.stack([t, t.flip(0), t / 2], 1)
+    shared = sampling.codebook_posterior_mean(prior_logits[:, None], steps, step_times, codebook, noise_scale)
+    for step in range(3):
+        alone = sampling.codebook_posterior_mean(prior_logits, steps[:, step], step_times[:, step], codebook, noise_scale)
+        torch.testing.assert_close(shared[:, step], alone, rtol=1e-12, atol=1e-12)
     # at t = 1 the noise says nothing: the prior's mean; near t = 0 the nearest row wins
     at_one = sampling.codebook_posterior_mean(prior_logits, sample, torch.ones(4, dtype=torch.float64), codebook, 1.0)
     torch.testing.assert_close(at_one, prior_logits.softmax(-1) @ codebook)
