@@ -167,7 +167,7 @@ def codebook_posterior_mean(
     says nothing and the mean is the prior's; as ``t -> 0`` it picks the nearest codebook row. ``t`` ``(...)`` per row;
     the caller never evaluates ``t = 0``. ``prior_logits`` may have size 1 where ``sample`` has more (one prior for
     several steps); ``codebook_squared_norms`` ``(V,)``: ``|c_v|^2``, when the caller already has them (the sampler
-    reuses them for every step of a pass).
+    computes them once per block, for all of its slots' steps).
     """
     t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device)[..., None]
     codebook = codebook.to(sample.dtype)
