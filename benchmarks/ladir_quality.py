@@ -78,6 +78,9 @@ def add_ladir_recipe_arguments(parser):
     group.add_argument("--max_blocks", type=int, default=4)
     group.add_argument("--vae_learning_rate", type=float, default=5e-4)
     group.add_argument("--reasoner_learning_rate", type=float, default=5e-4)
+    group.add_argument("--slot_token_weight", type=float, default=LaDiRSFTConfig.slot_token_weight,
+                       help="Weight of the reasoner's slot-token cross-entropy against its answer (1) and stop (2) "
+                            "losses (token readout, token posterior).")
     group.add_argument("--initial_latent_logvar", type=float, default=None)
     group.add_argument("--latent_noise_std", type=float, default=0.3)
     group.add_argument("--token_substitution_prob", type=float, default=0.3)
@@ -169,6 +172,7 @@ def train_ladir(args, base, tokenizer, train):
             token_substitution_prob=args.token_substitution_prob,
             scaling_num_sentences=256,
             flow_timestep_shift=args.flow_timestep_shift,
+            slot_token_weight=args.slot_token_weight,
             logging_steps=25,
             save_strategy="no",
             report_to="none",

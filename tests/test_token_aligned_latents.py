@@ -20,7 +20,7 @@ from test_sft_trainer import (
 from trl_ladi.data import split_reasoning_into_sentences
 from trl_ladi.modeling import REASONER_ADAPTER, tokenize_prompts
 from trl_ladi.testing import make_tokenizer, tiny_ladir_model
-from trl_ladi.trainers import LaDiRSFTTrainer
+from trl_ladi.trainers import LaDiRSFTConfig, LaDiRSFTTrainer
 from trl_ladi.trainers.sft_trainer import _pad_token_lists
 
 SLOTS = 6  # the tiny chain sentences ("3 + 4 = 7 .") have 6 tokens
@@ -147,6 +147,32 @@ def test_the_vae_stage_keeps_a_token_posteriors_codebook(velocity_parameterizati
     assert not unchanged(encoder_head, model.latent_mean_head.parameters())
     kept = unchanged(codebook, [model.empty_slot_embedding, *model.token_projection.parameters()])
     assert kept == (velocity_parameterization == "token_posterior")
+
+
+def test_a_token_posterior_reasoner_weighs_its_slot_loss_by_the_config(tmp_path):
+    """The reasoner stage's loss is slot_token_weight * slot + answer_weight * answer + stop_weight * stop, with the
+    weights of its LaDiRSFTConfig; by default the slot loss weighs 3 (docs/sft.md, "the slot loss's weight")."""
+    tokenizer = make_tokenizer()
+    model = token_aligned_model(tokenizer, velocity_parameterization="token_posterior", initial_noise_scale=1.0)
+    model.config.latent_scaling_factor = 2.0  # as a VAE stage sets it (else the trainer warns)
+    dataset = datasets.Dataset.from_dict(chain_rows())
+    totals = {}
+    for weight in (None, 1.0):
+        overrides = {} if weight is None else {"slot_token_weight": weight}
+        trainer = LaDiRSFTTrainer(model=model, args=sft_config(tmp_path, "reasoner", **overrides),
+                                  train_dataset=dataset, processing_class=tokenizer)
+        inputs = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            loss, parts = trainer.compute_loss(model, dict(inputs), return_outputs=True)
+        args = trainer.args
+        expected = (args.slot_token_weight * parts["slot_token_loss"] + args.answer_weight * parts["answer_loss"]
+                    + args.stop_weight * parts["stop_loss"])
+        torch.testing.assert_close(loss, expected)
+        totals[weight] = (loss, parts["slot_token_loss"])
+    assert LaDiRSFTConfig.slot_token_weight == 3.0
+    (default_loss, slot_loss), (unit_loss, same_slot_loss) = totals[None], totals[1.0]
+    torch.testing.assert_close(slot_loss, same_slot_loss)  # the same batch, the same model
+    torch.testing.assert_close(default_loss - unit_loss, 2.0 * slot_loss)
 
 
 def test_a_token_posterior_reasoner_starts_reading_codebook_rows_as_the_token_embeddings(trained_vae):

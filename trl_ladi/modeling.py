@@ -1172,7 +1172,7 @@ class LaDiRModel(PreTrainedModel):
         prompt_dropout: float = 0.1,
         rollout_denoise_steps: int = 0,
         slot_token_ids=None,
-        slot_token_weight: float = 1.0,
+        slot_token_weight: float = 3.0,
         timestep_shift: float = 1.0,
     ) -> dict:
         """LaDiR's reasoner loss, ``flow + answer + stop`` weighted, on the VAE's latents (reasoner space).

@@ -62,9 +62,12 @@ class LaDiRSFTConfig(TrainingArguments):
             Shift of the reasoner's training times towards noise, ``t = s u / (1 + (s - 1) u)`` with ``u`` uniform (SD3;
             1.0: uniform). A block's tokens are decided at high noise; below ``t = 0.5`` a token-aligned block is read
             back almost exactly in one step (benchmarks/ladir_quality.py, (b2)).
-        slot_token_weight (`float`, defaults to `1.0`):
+        slot_token_weight (`float`, defaults to `3.0`):
             Weight of the cross-entropy of each latent slot's token, for a model whose velocity is read from token
-            predictions (`LaDiRConfig.velocity_parameterization="token_readout"`); unused otherwise.
+            predictions (`LaDiRConfig.velocity_parameterization` `"token_readout"` or `"token_posterior"`); unused
+            otherwise. It is a mean over a block's `L` slots, empty ones included, beside the answer (weight 1) and
+            stop (weight 2) losses; at weight 1 a token posterior's reasoner learnt its sentences more slowly per step
+            than text SFT of the same model, at 3 as fast (docs/sft.md, "the slot loss's weight").
         rollout_denoise_steps (`int`, defaults to `4`):
             Euler steps per block in the `"rollout"` stage (LaDiR: 10, fewer than at inference). Each is a forward
             pass with gradients, so the stage costs about `blocks * steps` times a reasoner step.
@@ -146,9 +149,10 @@ class LaDiRSFTConfig(TrainingArguments):
                   "1.0: uniform."},
     )
     slot_token_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the cross-entropy of each latent slot's token (models with "
-                  "velocity_parameterization='token_readout' only)."},
+        default=3.0,
+        metadata={"help": "Weight of the cross-entropy of each latent slot's token, a mean over a block's slots "
+                  "(velocity_parameterization 'token_readout' or 'token_posterior' only), beside the answer (1) and "
+                  "stop (2) losses."},
     )
 
     rollout_denoise_steps: int = field(
