@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -287,7 +288,7 @@ def plot_pass_at_k(results: dict[str, dict], path: str, title: str | None = None
     axes.set_xticks(sorted(all_ks), labels=[str(k) for k in sorted(all_ks)])
     axes.set_xlabel("k")
     axes.set_ylabel("pass@k (%)")
-    axes.set_title(title or "pass@k")
+    axes.set_title(textwrap.fill(title or "pass@k", width=60), fontsize="medium")  # long titles wrap, not cut
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
