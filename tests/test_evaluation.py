@@ -218,6 +218,46 @@ def test_cli_writes_json_and_png(tiny_causal_lm, tmp_path, capsys):
     assert "pass@1" in table and "base" in table and "again" in table
 
 
+def test_cli_samples_a_ladir_model_with_the_sampler_flags(tmp_path):
+    """`trl-ladi eval` passes --sde_noise_level / --num_denoise_steps / --num_decodes_per_latent to a LaDiR model's
+    sampler: the same flags and seed give the same latents, another noise level or step count other latents, and with
+    two decodes per latent the greedy answers come in identical pairs."""
+    from trl_ladi.cli import main
+    from trl_ladi.testing import make_tokenizer, tiny_ladir_model
+
+    tokenizer = make_tokenizer()
+    model = tiny_ladir_model(tokenizer, seed=0, latent_tokens_per_block=2, latent_dim=8, encoder_lora_rank=4,
+                             reasoner_lora_rank=4, max_blocks=2, num_denoise_steps=3)
+    torch.nn.init.normal_(model.velocity_head.linear.weight, std=0.1)  # zero-initialised: give it some velocity
+    model_path = tmp_path / "ladir"
+    model.save_pretrained(model_path)
+    tokenizer.save_pretrained(model_path)
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {i} plus 1 ?", "answer": str(i + 1)}) + "\n"
+                            for i in range(2)))
+
+    def evaluate(name, *flags):
+        out = tmp_path / name
+        assert main(["eval", "--model", str(model_path), "--dataset", str(data), "--num_samples", "4", "--ks", "1",
+                     "4", "--max_new_tokens", "3", "--output_dir", str(out), "--seed", "3", *flags]) == 0
+        report = json.loads((out / "pass_at_k.json").read_text())
+        return report["config"], report["results"]["ladir"]
+
+    config, sde = evaluate("sde", "--sde_noise_level", "0.7", "--num_denoise_steps", "2")
+    assert (config["sde_noise_level"], config["num_denoise_steps"], config["num_decodes_per_latent"]) == (0.7, 2, 1)
+    _, sde_again = evaluate("sde_again", "--sde_noise_level", "0.7", "--num_denoise_steps", "2")
+    _, ode = evaluate("ode", "--sde_noise_level", "0", "--num_denoise_steps", "2")
+    _, more_steps = evaluate("more_steps", "--sde_noise_level", "0.7", "--num_denoise_steps", "5")
+    _, two_decodes = evaluate("two_decodes", "--num_decodes_per_latent", "2", "--temperature", "0")
+    assert sde_again["latent_diversity_mean"] == sde["latent_diversity_mean"]
+    assert ode["latent_diversity_mean"] != sde["latent_diversity_mean"]
+    assert more_steps["latent_diversity_mean"] != sde["latent_diversity_mean"]
+    # greedy answers, two per latent: answers 0-1 read one latent, 2-3 another
+    for problem in two_decodes["per_problem"]:
+        answers = problem["answers"]
+        assert len(answers) == 4 and answers[0] == answers[1] and answers[2] == answers[3]
+
+
 def test_cli_bad_dataset(tiny_causal_lm):
     from trl_ladi.cli import main
 

@@ -313,6 +313,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts sampled at once.")
+    ladir = parser.add_argument_group("LaDiR models' sampler (causal LMs ignore these)")
+    ladir.add_argument(
+        "--sde_noise_level", type=float, default=0.7,
+        help="Noise level of the denoising steps; 0.7 is how LaDi-RL's rollouts and examples/math.py's evaluation "
+        "sample, 0 the deterministic sampler, which draws colder than the model's prior (docs/sft.md).",
+    )
+    ladir.add_argument("--num_denoise_steps", type=int, default=None, help="Steps per block (default: the model's).")
+    ladir.add_argument(
+        "--num_decodes_per_latent", type=int, default=1,
+        help="Answers decoded from each sampled latent; 1 keeps the samples independent, as pass@k assumes.",
+    )
     parser.add_argument("--output_dir", default="outputs/eval", help="Where pass_at_k.json and pass_at_k.png go.")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -345,7 +356,15 @@ def _load_generate_fn(path: str, args) -> Callable:
 
     if model_type == "ladir":
         model = LaDiRModel.from_pretrained(path).to(device).eval()
-        return ladir_generate_fn(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        return ladir_generate_fn(
+            model,
+            tokenizer,
+            num_decodes_per_latent=args.num_decodes_per_latent,
+            num_denoise_steps=args.num_denoise_steps,
+            sde_noise_level=args.sde_noise_level,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+        )
     model = load_causal_lm(path).to(device).eval()
     return causal_lm_generate_fn(
         model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size
