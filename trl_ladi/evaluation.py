@@ -313,11 +313,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts sampled at once.")
+    from trl_ladi.trainers.ladirl_config import LaDiRLConfig
+
     ladir = parser.add_argument_group("LaDiR models' sampler (causal LMs ignore these)")
     ladir.add_argument(
-        "--sde_noise_level", type=float, default=0.7,
-        help="Noise level of the denoising steps; 0.7 is how LaDi-RL's rollouts and examples/math.py's evaluation "
-        "sample, 0 the deterministic sampler, which draws colder than the model's prior (docs/sft.md).",
+        "--sde_noise_level", type=float, default=LaDiRLConfig.sde_noise_level,
+        help="Noise level of the denoising steps; the default is LaDiRLConfig's, with which LaDi-RL's rollouts and "
+        "examples/math.py's evaluation sample; 0 is the deterministic sampler, which draws colder than the model's "
+        "prior (docs/sft.md).",
     )
     ladir.add_argument("--num_denoise_steps", type=int, default=None, help="Steps per block (default: the model's).")
     ladir.add_argument(
