@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,26 @@ def test_profile_rollout_smoke(tmp_path):
     assert early["every_row_every_block"]["blocks_written"] == 12
     assert early["half_stop_after_one_block"]["blocks_written"] == 8
     assert early["half_stop_after_one_block"]["lm_positions"] < early["every_row_every_block"]["lm_positions"]
+
+
+@pytest.mark.parametrize("switches", [[], ["--posterior_chunk_mb", "0", "--keep_freed_memory", "off"]],
+                         ids=["package_defaults", "one_pass_glibc_defaults"])
+def test_bench_loss_memory_smoke(tmp_path, switches):
+    """benchmarks/bench_loss_memory.py on the tiny model: each advantage setting timed in each repeat, the switches
+    recorded as they were applied."""
+    output = tmp_path / "loss_memory.json"
+    result = run_benchmark("bench_loss_memory.py", "--tiny", "--latents", "4", "--decodes", "1", "--repeats", "2",
+                           "--output", str(output), *switches, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert [(row["repeat"], row["advantages"]) for row in record["timings"]] == [
+        (repeat, setting) for repeat in range(2) for setting in ("every_trace", "half_the_traces", "no_trace")
+    ]
+    assert [row["traces_with_advantage"] for row in record["timings"][:3]] == [8, 4, 0]
+    assert all(row["forward_s"] > 0 and row["backward_s"] > 0 for row in record["timings"])
+    settings = record["settings"]
+    assert settings["glibc_thresholds_raised"] == (not switches and platform.libc_ver()[0] == "glibc")
+    assert settings["posterior_chunk_bytes"] == (2**62 if switches else 16 * 2**20)
 
 
 def test_gpu_step_dry_run(tmp_path):

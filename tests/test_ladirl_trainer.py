@@ -1,5 +1,6 @@
 """LaDiRLTrainer on tiny offline models: rollout bookkeeping, advantages, the update's direction, learning, config."""
 
+import contextlib
 import json
 import os
 import re
@@ -386,7 +387,7 @@ def test_each_loss_type_normalises_the_denoising_steps_as_grpo_normalises_tokens
     assert batch["num_items_in_batch"].item() == batch["block_mask"].sum().item() * num_steps
     batch["block_mask"] = torch.tensor([[True, True], [True, False], [True, True], [True, False]])
     batch["num_items_in_batch"] = torch.tensor(6.0 * num_steps)
-    advantages = torch.tensor([1.0, 2.0, -1.0, 4.0])
+    advantages = torch.tensor([1.0, 0.0, -1.0, 4.0])  # the trace with advantage 0 is not scored, only counted
     batch["advantages"] = advantages
     units = torch.tensor([2.0, 1.0, 2.0, 1.0]) * num_steps  # real (block, step) units per trace
     unit_loss_sum = (-advantages * units).sum()
@@ -399,6 +400,61 @@ def test_each_loss_type_normalises_the_denoising_steps_as_grpo_normalises_tokens
     }[loss_type]
     loss = trainer._compute_loss(trainer.model, batch)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "latent_policy_parameters, model_options",
+    [("velocity_head", {}), ("denoiser_adapter", TOKEN_POSTERIOR)],
+    ids=["velocity_head", "token_posterior-denoiser_adapter"],
+)
+def test_traces_with_advantage_zero_are_not_fed_to_the_loss_and_the_gradient_is_unchanged(
+    tmp_path, latent_policy_parameters, model_options
+):
+    """The loss scores only the traces with an advantage; its value and gradient equal those of the whole batch
+    scored by the model and the clipped objective written out here (at ratio 1 its gradient is -A grad log pi)."""
+    model, tokenizer = make_model(**model_options)
+    if model_options:
+        spread_latent_codebook(model)
+    args = make_args(tmp_path, loss_type="bnpo", latent_kl_beta=0.0, latent_policy_parameters=latent_policy_parameters)
+    trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    batch = crafted_rollout(trainer, 0.0, 1.0)
+    advantages = torch.tensor([0.0, 1.5, 0.0, -0.5])
+    batch["advantages"] = advantages
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    model.zero_grad(set_to_none=True)
+    log_probs = model.denoising_log_probs(**trainer._denoising_inputs(batch))["log_probs"]  # all 4 traces
+    mask = batch["block_mask"][:, :, None].expand_as(log_probs).float()
+    ratio = torch.exp(log_probs - log_probs.detach())
+    expected_loss = (-advantages[:, None, None] * ratio * mask).sum() / mask.sum()  # bnpo: mean over the units
+    expected_loss.backward()
+    expected_grads = [p.grad.clone() for p in trained]
+    assert sum(g.abs().sum() for g in expected_grads) > 0
+
+    fed_rows = []
+    original_forward = model.forward
+
+    def recording_forward(*inputs, **kwargs):
+        fed_rows.append(kwargs["denoising"]["step_latents"].shape[0])
+        return original_forward(*inputs, **kwargs)
+
+    model.forward = recording_forward
+    model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    assert fed_rows == [2]
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-7)
+    for parameter, expected in zip(trained, expected_grads):
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-7)
+
+    # no trace with an advantage: one row is still fed (every process runs the same forward and backward), loss 0
+    batch["advantages"] = torch.zeros(4)
+    model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    assert fed_rows == [2, 1] and loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in trained)
 
 
 @pytest.mark.parametrize("use_bias_correction_kl", [False, True])
@@ -652,6 +708,10 @@ def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(tmp_path, l
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+        # the launcher may start its workers in a session of their own; each wrote its pid into its marker
+        for marker in killed.glob("hanging-*"):
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(marker.read_text()), signal.SIGKILL)
     if moment == "step 3":
         assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"]
     else:

@@ -364,6 +364,41 @@ def test_codebook_posterior_mean_is_bayes_rule_over_the_codebook():
     torch.testing.assert_close(near_zero[0], codebook[2], rtol=0, atol=1e-6)
 
 
+def test_the_codebook_posterior_in_chunks_has_the_values_and_gradients_of_one_pass(monkeypatch):
+    """Cut into chunks of its first dimension (a prior shared by the steps of a row, as the loss feeds it), the
+    posterior mean and the gradient it sends to the prior logits equal one pass over the whole batch (float64), and
+    the backward keeps no (..., V) tensor: the checkpointed chunks save only their inputs."""
+    generator = _generator(4)
+    codebook = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+    prior_logits = torch.randn(5, 2, 1, 3, 50, generator=generator, dtype=torch.float64)  # rows, blocks, 1, slots, V
+    sample = torch.randn(5, 2, 4, 3, 6, generator=generator, dtype=torch.float64)  # 4 steps share a block's prior
+    t = torch.rand(5, 2, 4, 1, generator=generator, dtype=torch.float64) * 0.9 + 0.05
+    weights = torch.randn(5, 2, 4, 3, 6, generator=generator, dtype=torch.float64)
+
+    def mean_and_gradient(chunk_bytes):
+        monkeypatch.setattr(sampling, "POSTERIOR_CHUNK_BYTES", chunk_bytes)
+        logits = prior_logits.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            mean = sampling.codebook_posterior_mean(logits, sample, t, codebook, 1.3)
+        (mean * weights).sum().backward()
+        return mean.detach(), logits.grad, max(saved)
+
+    whole, whole_gradient, whole_largest_saved = mean_and_gradient(2**30)
+    chunked, chunked_gradient, chunked_largest_saved = mean_and_gradient(2 * 2 * 4 * 3 * 50 * 8)  # 2 rows a chunk
+    assert whole.shape == chunked.shape == (5, 2, 4, 3, 6)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked_gradient, whole_gradient, rtol=1e-12, atol=1e-12)
+    assert whole_gradient.abs().sum() > 0
+    assert whole_largest_saved == 5 * 2 * 4 * 3 * 50  # one pass keeps its (rows, blocks, steps, slots, V) posterior
+    assert chunked_largest_saved < 2 * 4 * 3 * 50  # the chunks keep less than one row's posterior
+    # without gradients (the sampler) the chunks give the same values
+    monkeypatch.setattr(sampling, "POSTERIOR_CHUNK_BYTES", 2 * 2 * 4 * 3 * 50 * 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sampling.codebook_posterior_mean(prior_logits, sample, t, codebook, 1.3), whole,
+                                   rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.statistical
 @pytest.mark.parametrize("noise_level", [0.0, 0.7])
 def test_the_exact_posterior_flow_samples_the_prior(noise_level, statistical_seed, margin):

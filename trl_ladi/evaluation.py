@@ -390,6 +390,9 @@ def eval_command(args) -> int:
         "code": (code_execution_reward, None),
     }[args.reward]
 
+    from trl_ladi.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # on a CPU: reuse the memory a batch frees instead of mapping it afresh
     results = {}
     for name, path in zip(names, args.model):
         set_seed(args.seed)  # every model sees the same random stream

@@ -610,15 +610,16 @@ class LaDiRModel(PreTrainedModel):
 
     def _inject_denoiser_adapter(self, rank: int):
         self._inject_adapter(DENOISER_ADAPTER, rank)
-        # The adapter's update lora_B(lora_A(x)) is multiplied by the position mask, so at every other position it
-        # adds exactly 0: their hidden states are bit for bit those of the reasoner adapter alone.
+        # The adapter's update lora_B(lora_A(x)) is multiplied by the 0/1 position mask, so at every other position
+        # it adds exactly 0: their hidden states are bit for bit those of the reasoner adapter alone. The mask is applied
+        # to lora_B's rank-r input, which gives the same product with a tensor of r columns instead of the layer's width.
         for module in self.language_model.modules():
             if isinstance(module, BaseTunerLayer) and DENOISER_ADAPTER in getattr(module, "lora_B", {}):
-                module.lora_B[DENOISER_ADAPTER].register_forward_hook(self._mask_denoiser_update)
+                module.lora_B[DENOISER_ADAPTER].register_forward_pre_hook(self._mask_denoiser_update)
 
-    def _mask_denoiser_update(self, module, inputs, output):
+    def _mask_denoiser_update(self, module, inputs):
         mask = self._denoiser_position_mask
-        return output if mask is None else output * mask.to(output.dtype)
+        return inputs if mask is None else (inputs[0] * mask.to(inputs[0].dtype), *inputs[1:])
 
     def add_denoiser_adapter(self, rank: int = 16):
         """Add the denoiser LoRA adapter (see `LaDiRConfig.denoiser_lora_rank`), initialised so that it changes

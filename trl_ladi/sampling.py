@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 
@@ -151,6 +152,13 @@ def sde_step(
     return SDEStepOutput(sample=next_sample, mean=mean, std=std, log_prob=gaussian_log_prob(next_sample, mean, std))
 
 
+# Bytes of one (positions, V) tensor of the codebook posterior per chunk. A (..., V) tensor over a whole batch is
+# hundreds of MB (16 traces x 3 blocks x 3 steps x 16 slots x 49152 tokens x 4 B = 453 MB); chunks of this size are
+# reused by the memory allocator instead of being mapped afresh for every tensor, and the loss keeps no (..., V)
+# tensor for its backward (each chunk is recomputed there).
+POSTERIOR_CHUNK_BYTES = 16 * 2**20
+
+
 def codebook_posterior_mean(
     prior_logits: torch.Tensor,
     sample: torch.Tensor,
@@ -168,20 +176,49 @@ def codebook_posterior_mean(
     the caller never evaluates ``t = 0``. ``prior_logits`` may have size 1 where ``sample`` has more (one prior for
     several steps); ``codebook_squared_norms`` ``(V,)``: ``|c_v|^2``, when the caller already has them (the sampler
     computes them once per block, for all of its slots' steps).
+
+    Computed in chunks of the first dimension (`POSTERIOR_CHUNK_BYTES` per ``(..., V)`` tensor); with gradients on,
+    each chunk is checkpointed, so the backward recomputes its posterior instead of keeping it.
     """
     t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device)[..., None]
     codebook = codebook.to(sample.dtype)
     if codebook_squared_norms is None:
         codebook_squared_norms = codebook.square().sum(-1)
+    codebook_squared_norms = codebook_squared_norms.to(sample.dtype)
+    # one leading shape for the three inputs, so that they can be cut along its first dimension
+    leading = torch.broadcast_shapes(prior_logits.shape[:-1], sample.shape[:-1], t.shape[:-1])
+    if len(leading) == 0:
+        return _codebook_posterior_mean(prior_logits, sample, t, codebook, noise_scale, codebook_squared_norms)
+    prior_logits, sample, t = (
+        tensor.reshape((1,) * (len(leading) + 1 - tensor.dim()) + tensor.shape) for tensor in (prior_logits, sample, t)
+    )
+    bytes_per_row = math.prod(leading[1:]) * codebook.shape[0] * sample.element_size()
+    rows_per_chunk = max(1, POSTERIOR_CHUNK_BYTES // bytes_per_row)
+    if leading[0] <= rows_per_chunk:
+        return _codebook_posterior_mean(prior_logits, sample, t, codebook, noise_scale, codebook_squared_norms)
+    checkpointed = torch.is_grad_enabled() and (prior_logits.requires_grad or sample.requires_grad or t.requires_grad)
+    means = []
+    for start in range(0, leading[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        chunk = [tensor if tensor.shape[0] == 1 else tensor[rows] for tensor in (prior_logits, sample, t)]
+        if checkpointed:
+            mean = torch.utils.checkpoint.checkpoint(
+                _codebook_posterior_mean, *chunk, codebook, noise_scale, codebook_squared_norms, use_reentrant=False
+            )
+        else:
+            mean = _codebook_posterior_mean(*chunk, codebook, noise_scale, codebook_squared_norms)
+        means.append(mean)
+    return torch.cat(means)
+
+
+def _codebook_posterior_mean(prior_logits, sample, t, codebook, noise_scale, codebook_squared_norms):
     # |z - (1 - t) c_v|^2 = |z|^2 - 2 (1 - t) z.c_v + (1 - t)^2 |c_v|^2. |z|^2 is the same for every v and cancels in
     # the softmax, so the logits are  prior + a z.c_v - (1 - t) a / 2 |c_v|^2  with  a = (1 - t) / (t noise_scale)^2
     # (two passes over the (..., V) scores, no (..., V, D) difference tensor).
     scale = (1 - t) / (t * noise_scale) ** 2
     scores = (sample.reshape(-1, sample.shape[-1]) @ codebook.T).view(*sample.shape[:-1], -1)  # z.c_v
     posterior_logits = torch.addcmul(prior_logits.to(sample.dtype), scale, scores)
-    posterior_logits = torch.addcmul(
-        posterior_logits, scale * (1 - t) / 2, codebook_squared_norms.to(sample.dtype), value=-1
-    )
+    posterior_logits = torch.addcmul(posterior_logits, scale * (1 - t) / 2, codebook_squared_norms, value=-1)
     return posterior_logits.softmax(-1) @ codebook
 
 

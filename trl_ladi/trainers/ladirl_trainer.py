@@ -30,6 +30,7 @@ from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import is_async_callable, nanstd, pad
 
+from trl_ladi.cpu_memory import keep_freed_memory
 from trl_ladi.cpu_threads import use_available_cores
 from trl_ladi.hub import write_model_card
 from trl_ladi.modeling import LaDiRModel, tokenize_prompts
@@ -155,6 +156,7 @@ class LaDiRLTrainer(GRPOTrainer):
         if train_dataset is not None and hasattr(train_dataset, "__len__"):
             self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args, max_latent_blocks)
         use_available_cores()  # under accelerate launch on a CPU: the cores, not the one thread it sets
+        keep_freed_memory()  # on a CPU: reuse the memory a step frees instead of mapping it afresh
         if args.latent_policy_parameters == "velocity_head" and model.config.velocity_parameterization == "token_posterior":
             raise ValueError(
                 "A 'token_posterior' model has no velocity head to train: its denoiser is the exact posterior of the "
@@ -461,6 +463,9 @@ class LaDiRLTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
 
+    # the denoising inputs with one entry per row (the others are shared by all rows)
+    _PER_ROW_DENOISING_INPUTS = ("prompt_ids", "prompt_mask", "step_latents", "mean_offsets", "block_mask", "step_indices")
+
     def _denoising_inputs(self, inputs: dict) -> dict:
         return {
             "prompt_ids": inputs["prompt_ids"],
@@ -552,55 +557,81 @@ class LaDiRLTrainer(GRPOTrainer):
         self._metrics[mode]["non_finite/skipped_updates"].append(float(non_finite))
         return loss
 
+    def _rows_with_latent_gradient(self, inputs) -> torch.Tensor:
+        """The rows whose denoising steps the loss has to score. Without the KL term a trace with advantage 0 adds
+        exactly 0 to the latent loss and to its gradient (``-min(rho 0, clip(rho) 0)``), whatever its ratio, so only
+        the others are fed to the model; a prompt whose latents all scored alike (`frac_reward_zero_std`) then costs
+        no forward or backward. At least one row is kept, so that every process runs the same forward and backward
+        (DDP / ZeRO collectives); its loss is 0 when its advantage is."""
+        advantages = inputs["advantages"]
+        if self.latent_kl_beta > 0:
+            return torch.arange(advantages.shape[0], device=advantages.device)
+        rows = advantages.nonzero().flatten()
+        return rows if rows.numel() > 0 else rows.new_zeros(1)
+
     def _policy_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         use_text_policy = self.args.text_policy_coef > 0
+        rows = self._rows_with_latent_gradient(inputs)
+        denoising_inputs = {
+            name: value[rows] if name in self._PER_ROW_DENOISING_INPUTS else value
+            for name, value in self._denoising_inputs(inputs).items()
+        }
         # one call of the wrapped model, so DDP / DeepSpeed hooks see every parameter that gets a gradient
         outputs = model(
             task="policy",
-            denoising=self._denoising_inputs(inputs),
+            denoising=denoising_inputs,
             answer=self._answer_inputs(inputs) if use_text_policy else None,
         )
 
         # 6. latent policy: a clipped ratio per denoising step, masked to real blocks. The units of the loss are the
-        # (block, step) pairs of a trace, flattened: they play the role of GRPO's completion tokens.
-        log_probs = outputs["denoising"]["log_probs"]  # (B, blocks, steps)
-        batch, num_blocks, num_steps = log_probs.shape
-        old_log_probs = inputs.get("old_log_probs", log_probs.detach())
-        step_mask = inputs["block_mask"][:, :, None].expand_as(log_probs).float().reshape(batch, -1)
-        log_ratio = (log_probs - old_log_probs).reshape(batch, -1)
+        # (block, step) pairs of a trace, flattened: they play the role of GRPO's completion tokens. Only the scored
+        # `rows` are computed; the others' units (advantage 0) are 0 in the loss and count in its normaliser.
+        log_probs = outputs["denoising"]["log_probs"]  # (rows, blocks, steps)
+        num_rows, num_blocks, num_steps = log_probs.shape
+        batch = inputs["advantages"].shape[0]
+        old_log_probs = inputs["old_log_probs"][rows] if "old_log_probs" in inputs else log_probs.detach()
+        step_mask = inputs["block_mask"][rows, :, None].expand_as(log_probs).float().reshape(num_rows, -1)
+        log_ratio = (log_probs - old_log_probs).reshape(num_rows, -1)
         if self.importance_sampling_level == "sequence":  # GSPO: one ratio per trace
             log_ratio = ((log_ratio * step_mask).sum(-1, keepdim=True) / step_mask.sum(-1, keepdim=True).clamp(min=1))
             log_ratio = log_ratio.expand_as(step_mask)
-        advantages = inputs["advantages"][:, None]
+        advantages = inputs["advantages"][rows, None]
         step_loss, is_low_clipped, is_high_clipped = self._clipped_objective(log_ratio, advantages)
         if self.args.off_policy_mask_threshold is not None:
             # DeepSeek-V3.2's off-policy mask: drop a trace with A < 0 whose mean log(pi_old / pi_theta) is too large
             step_loss = step_loss * self.get_off_policy_mask(
-                advantages, log_probs.reshape(batch, -1), old_log_probs.reshape(batch, -1), step_mask,
+                advantages, log_probs.reshape(num_rows, -1), old_log_probs.reshape(num_rows, -1), step_mask,
                 self.args.off_policy_mask_threshold,
             )
         if self.latent_kl_beta > 0:
             # KL between Gaussians with the same std: ||mu_theta - mu_ref||^2 / (2 std^2), summed over the latent
             means, stds = outputs["denoising"]["means"], outputs["denoising"]["stds"]
-            kl = ((means - inputs["ref_means"]).pow(2).flatten(3).sum(-1) / (2 * stds.pow(2))).reshape(batch, -1)
+            kl = ((means - inputs["ref_means"][rows]).pow(2).flatten(3).sum(-1) / (2 * stds.pow(2))).reshape(num_rows, -1)
             if self.args.use_bias_correction_kl:  # the KL of samples drawn by the old policy, reweighted
                 kl = kl * torch.exp(log_ratio)
             step_loss = step_loss + self.latent_kl_beta * kl
             self._metrics[mode]["latent_kl"].append(self._masked_global_mean(kl, step_mask))
+        # back to every row of the micro-batch, so that each loss_type normalises as if all had been scored
+        all_step_mask = inputs["block_mask"][:, :, None].expand(-1, -1, num_steps).float().reshape(batch, -1)
+        all_step_loss = step_loss.new_zeros(all_step_mask.shape).index_copy(0, rows, step_loss)
         units_per_row = self._max_latent_blocks * num_steps
-        loss = self._aggregate(step_loss, step_mask, inputs["num_items_in_batch"], units_per_row)
-        self._metrics[mode]["clip_ratio/low_mean"].append(self._masked_global_mean(is_low_clipped.float(), step_mask))
-        self._metrics[mode]["clip_ratio/high_mean"].append(self._masked_global_mean(is_high_clipped.float(), step_mask))
+        loss = self._aggregate(all_step_loss, all_step_mask, inputs["num_items_in_batch"], units_per_row)
+        # the clip ratios count every unit (a trace with advantage 0 is never clipped); approx_kl and the sampler's
+        # gap are over the scored rows, the only ones whose log-probs were computed
+        is_low_clipped = all_step_mask.new_zeros(all_step_mask.shape).index_copy(0, rows, is_low_clipped.float())
+        is_high_clipped = all_step_mask.new_zeros(all_step_mask.shape).index_copy(0, rows, is_high_clipped.float())
+        self._metrics[mode]["clip_ratio/low_mean"].append(self._masked_global_mean(is_low_clipped, all_step_mask))
+        self._metrics[mode]["clip_ratio/high_mean"].append(self._masked_global_mean(is_high_clipped, all_step_mask))
         self._metrics[mode]["clip_ratio/region_mean"].append(
-            self._masked_global_mean((is_low_clipped | is_high_clipped).float(), step_mask)
+            self._masked_global_mean(torch.maximum(is_low_clipped, is_high_clipped), all_step_mask)
         )
         self._metrics[mode]["approx_kl"].append(
-            self._masked_global_mean((old_log_probs - log_probs.detach()).reshape(batch, -1), step_mask)
+            self._masked_global_mean((old_log_probs - log_probs.detach()).reshape(num_rows, -1), step_mask)
         )
         if "sampler_log_probs" in inputs:
             # the sampler's recorded log-probs against the loss's recomputation: ~0 at the weights that sampled
-            gap = (inputs["sampler_log_probs"] - log_probs.detach()).abs().reshape(batch, -1)
+            gap = (inputs["sampler_log_probs"][rows] - log_probs.detach()).abs().reshape(num_rows, -1)
             self._metrics[mode]["sampler_log_prob_gap"].append(self._masked_global_mean(gap, step_mask))
 
         # 7. text policy: token-level clipped ratio, advantage within the latent

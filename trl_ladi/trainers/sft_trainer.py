@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from trl_ladi.cpu_memory import keep_freed_memory
 from trl_ladi.cpu_threads import use_available_cores
 from trl_ladi.data import prepare_cot_dataset, split_reasoning_into_sentences
 from trl_ladi.modeling import LaDiRModel, check_tokenizer, tokenize_prompts
@@ -136,6 +137,7 @@ class LaDiRSFTTrainer(Trainer):
         optimizers=(None, None),
     ):
         use_available_cores()  # under accelerate launch on a CPU: the cores, not the one thread it sets
+        keep_freed_memory()  # on a CPU: reuse the memory a step frees instead of mapping it afresh
         if not isinstance(model, LaDiRModel):
             raise TypeError(
                 f"LaDiRSFTTrainer trains a LaDiRModel, got {type(model).__name__}. Wrap your causal LM first: "
