@@ -2,9 +2,9 @@
 
 A training step allocates and frees gigabytes (the loss keeps every layer's activations for its backward). glibc
 returns freed blocks at the top of its heap, and every block of more than its mmap threshold, to the system at once;
-the next step then gets fresh pages, which the kernel zeroes and, in a virtual machine that gives freed memory back
-to its host, the host maps again. Measured on a 2-core virtual machine (docs/benchmarks.md): a 16-trace LaDi-RL loss
-forward took 15.5 s when its memory came fresh and 5.5 s when it was reused. glibc's own limits are raised here once
+the next step then writes to fresh pages. On this project's 2-core virtual machine that cost 3.4 ms per MiB, against
+0.3 ms for memory just freed, and a 16-trace LaDi-RL loss (forward and backward, after the first) took 30.6 s with
+glibc's defaults and 14.6 s with the settings below (docs/benchmarks.md). glibc's own limits are raised here once
 per process (`mallopt`): blocks up to 32 MiB come from the heap, and the heap is not trimmed, so the process holds its
 peak memory until it ends. A setting the user made (`GLIBC_TUNABLES` with a `glibc.malloc.` tunable, or
 `MALLOC_TRIM_THRESHOLD_` / `MALLOC_MMAP_THRESHOLD_`) is kept, and so is every run on a GPU or off glibc;
