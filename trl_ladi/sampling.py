@@ -187,15 +187,13 @@ def codebook_posterior_mean(
     codebook_squared_norms = codebook_squared_norms.to(sample.dtype)
     # one leading shape for the three inputs, so that they can be cut along its first dimension
     leading = torch.broadcast_shapes(prior_logits.shape[:-1], sample.shape[:-1], t.shape[:-1])
-    if len(leading) == 0:
+    bytes_per_row = math.prod(leading[1:]) * codebook.shape[0] * sample.element_size()
+    rows_per_chunk = max(1, POSTERIOR_CHUNK_BYTES // bytes_per_row)
+    if len(leading) == 0 or leading[0] <= rows_per_chunk:
         return _codebook_posterior_mean(prior_logits, sample, t, codebook, noise_scale, codebook_squared_norms)
     prior_logits, sample, t = (
         tensor.reshape((1,) * (len(leading) + 1 - tensor.dim()) + tensor.shape) for tensor in (prior_logits, sample, t)
     )
-    bytes_per_row = math.prod(leading[1:]) * codebook.shape[0] * sample.element_size()
-    rows_per_chunk = max(1, POSTERIOR_CHUNK_BYTES // bytes_per_row)
-    if leading[0] <= rows_per_chunk:
-        return _codebook_posterior_mean(prior_logits, sample, t, codebook, noise_scale, codebook_squared_norms)
     checkpointed = torch.is_grad_enabled() and (prior_logits.requires_grad or sample.requires_grad or t.requires_grad)
     means = []
     for start in range(0, leading[0], rows_per_chunk):

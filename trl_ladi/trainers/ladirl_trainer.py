@@ -612,15 +612,18 @@ class LaDiRLTrainer(GRPOTrainer):
                 kl = kl * torch.exp(log_ratio)
             step_loss = step_loss + self.latent_kl_beta * kl
             self._metrics[mode]["latent_kl"].append(self._masked_global_mean(kl, step_mask))
-        # back to every row of the micro-batch, so that each loss_type normalises as if all had been scored
+        # back to every row of the micro-batch (0 in the rows not scored), so that each loss_type normalises as if all
+        # had been scored
         all_step_mask = inputs["block_mask"][:, :, None].expand(-1, -1, num_steps).float().reshape(batch, -1)
-        all_step_loss = step_loss.new_zeros(all_step_mask.shape).index_copy(0, rows, step_loss)
+
+        def every_row(values: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(all_step_mask.shape).index_copy(0, rows, values)
+
         units_per_row = self._max_latent_blocks * num_steps
-        loss = self._aggregate(all_step_loss, all_step_mask, inputs["num_items_in_batch"], units_per_row)
+        loss = self._aggregate(every_row(step_loss), all_step_mask, inputs["num_items_in_batch"], units_per_row)
         # the clip ratios count every unit (a trace with advantage 0 is never clipped); approx_kl and the sampler's
         # gap are over the scored rows, the only ones whose log-probs were computed
-        is_low_clipped = all_step_mask.new_zeros(all_step_mask.shape).index_copy(0, rows, is_low_clipped.float())
-        is_high_clipped = all_step_mask.new_zeros(all_step_mask.shape).index_copy(0, rows, is_high_clipped.float())
+        is_low_clipped, is_high_clipped = every_row(is_low_clipped.float()), every_row(is_high_clipped.float())
         self._metrics[mode]["clip_ratio/low_mean"].append(self._masked_global_mean(is_low_clipped, all_step_mask))
         self._metrics[mode]["clip_ratio/high_mean"].append(self._masked_global_mean(is_high_clipped, all_step_mask))
         self._metrics[mode]["clip_ratio/region_mean"].append(
