@@ -112,6 +112,9 @@ def parse_args():
     parser.add_argument("--also_sde_noise_levels", type=float, nargs="*", default=[],
                         help="(c) again with the same model at these noise levels too (0: deterministic Euler), "
                              "under `ladir_by_sde_noise_level` in the JSON.")
+    parser.add_argument("--also_draw_slots_from_prior", action="store_true",
+                        help="(c) again with the same model, a token posterior's slots drawn from its prior (the end "
+                             "point of its denoising steps, in one step), under `ladir_slots_from_prior` in the JSON.")
     parser.add_argument("--block_breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="(c2) for a token posterior. It samples as many traces again as (c): "
                              "--no-block_breakdown halves the LaDiR evaluation's time.")
@@ -484,10 +487,11 @@ def main():
                 model, tokenizer, test, num_latents=args.num_samples // args.num_decodes_per_latent, seed=args.seed,
                 **sampling_kwargs,
             )
-    def ladir_pass_at_k(sde_noise_level):
+    def ladir_pass_at_k(sde_noise_level, draw_slots_from_prior=False):
         set_seed(args.seed)
         generate_fn = ladir_generate_fn(model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent,
-                                        **{**sampling_kwargs, "sde_noise_level": sde_noise_level})
+                                        **{**sampling_kwargs, "sde_noise_level": sde_noise_level},
+                                        draw_slots_from_prior=draw_slots_from_prior)
         result = evaluate_pass_at_k(generate_fn, test, math_accuracy_reward, ks=ks, num_samples=args.num_samples,
                                     answer_fn=answer_fn)
         return without_per_problem(result)
@@ -499,12 +503,18 @@ def main():
         report["ladir_by_sde_noise_level"] = {str(args.sde_noise_level): report["ladir"]}
         for level in args.also_sde_noise_levels:
             report["ladir_by_sde_noise_level"][str(level)] = ladir_pass_at_k(level)
+    curves = {"text SFT": report["text_sft"], "LaDiR": report["ladir"]}
+    if args.also_draw_slots_from_prior:
+        start = time.perf_counter()
+        report["ladir_slots_from_prior"] = ladir_pass_at_k(args.sde_noise_level, draw_slots_from_prior=True)
+        report["timings"]["ladir_slots_from_prior_eval_s"] = time.perf_counter() - start
+        curves["LaDiR, slots drawn from the prior"] = report["ladir_slots_from_prior"]
 
     json_path = os.path.join(args.output_dir, "ladir_quality.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
     png_path = plot_pass_at_k(
-        {"text SFT": report["text_sft"], "LaDiR": report["ladir"]}, os.path.join(args.output_dir, "ladir_quality.png"),
+        curves, os.path.join(args.output_dir, "ladir_quality.png"),
         title=f"{args.dataset_name}: pass@k on {len(test)} held-out problems, {args.budget_seconds:.0f} s of training each",
     )
     print(json.dumps({key: report[key] for key in ("timings", "ladir_steps")}, indent=2))

@@ -141,6 +141,9 @@ def parse_args(argv=None):
                         help="One LaDi-RL run (and evaluated model) per value, all from the same LaDiR start "
                              "('velocity_head' needs --velocity_parameterization direct: a token posterior has no head).")
     parser.add_argument("--sde_noise_level", type=float, default=0.7)
+    parser.add_argument("--eval_draw_slots_from_prior", action="store_true",
+                        help="The LaDiR models' evaluation draws each slot's token from its prior (where the denoising "
+                             "steps end as they get small) instead of taking the steps; RL's rollouts take them.")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature of every model.")
     parser.add_argument("--max_new_tokens", type=int, help="Of the text models' worked solutions.")
     parser.add_argument("--max_answer_tokens", type=int, default=16, help="Of the LaDiR models' answers.")
@@ -224,6 +227,7 @@ def latent_generate_fn(model, tokenizer, args):
     return ladir_generate_fn(
         model.eval(), tokenizer, num_decodes_per_latent=args.eval_decodes_per_latent,
         num_denoise_steps=args.num_denoise_steps, sde_noise_level=args.sde_noise_level,
+        draw_slots_from_prior=args.eval_draw_slots_from_prior,
         temperature=args.temperature, max_new_tokens=args.max_answer_tokens,
     )
 

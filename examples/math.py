@@ -156,6 +156,12 @@ class ScriptArguments:
                   "pass@8 would count 4 answers). --num_decodes_per_latent sets the RL rollouts' M."},
     )
     eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "The k of pass@k."})
+    eval_draw_slots_from_prior: bool = field(
+        default=False,
+        metadata={"help": "A token posterior's evaluation draws each slot's token from its prior (where its "
+                  "--num_denoise_steps steps end as they get small) instead of taking the steps, which the RL "
+                  "rollouts always take (docs/sft.md)."},
+    )
     eval_batch_size: int = field(
         default=16,
         metadata={"help": "Test problems sampled at once (x eval_num_samples rows): 16 x 8 rows took 3.6 s a problem on "
@@ -283,6 +289,14 @@ def full_weights(training_args: LaDiRLConfig):
             training_args.deepspeed_plugin.set_deepspeed_weakref()
 
 
+def check_eval_sampler(script_args: ScriptArguments, velocity_parameterization: str):
+    if script_args.eval_draw_slots_from_prior and velocity_parameterization != "token_posterior":
+        raise ValueError(
+            f"--eval_draw_slots_from_prior draws a token posterior's slots from its prior; this LaDiR model's "
+            f"velocity_parameterization is {velocity_parameterization!r}. Pass --eval_draw_slots_from_prior false."
+        )
+
+
 def load_ladir(path: str, training_args: LaDiRLConfig):
     if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         raise ValueError(
@@ -309,6 +323,7 @@ def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args
         num_decodes_per_latent=num_decodes,
         num_denoise_steps=training_args.num_denoise_steps,
         sde_noise_level=training_args.sde_noise_level,
+        draw_slots_from_prior=script_args.eval_draw_slots_from_prior,
         max_new_tokens=training_args.max_completion_length,
         temperature=training_args.temperature,
     )
@@ -337,11 +352,13 @@ def run(script_args, training_args, train_dataset, test_dataset, reward_func, an
     if script_args.ladir_model_path:
         ladir_dir = script_args.ladir_model_path
     else:
+        check_eval_sampler(script_args, script_args.velocity_parameterization)  # before training, not after
         ladir_dir = train_ladir(script_args, training_args, train_dataset)
         timings["ladir_stages_s"] = time.perf_counter() - start
         state.wait_for_everyone()  # the main process saved it
     # Loaded whole from disk, also right after the stages: under ZeRO-3 they leave the model partitioned.
     model, tokenizer = load_ladir(ladir_dir, training_args)
+    check_eval_sampler(script_args, model.config.velocity_parameterization)
 
     results = {}
     stage_start = time.perf_counter()

@@ -219,9 +219,9 @@ def test_cli_writes_json_and_png(tiny_causal_lm, tmp_path, capsys):
 
 
 def test_cli_samples_a_ladir_model_with_the_sampler_flags(tmp_path):
-    """`trl-ladi eval` passes --sde_noise_level / --num_denoise_steps / --num_decodes_per_latent to a LaDiR model's
-    sampler: the same flags and seed give the same latents, another noise level or step count other latents, and with
-    two decodes per latent the greedy answers come in identical pairs."""
+    """`trl-ladi eval` passes --sde_noise_level / --num_denoise_steps / --num_decodes_per_latent /
+    --draw_slots_from_prior to a LaDiR model's sampler: the same flags and seed give the same latents, another noise
+    level or step count other latents, and with two decodes per latent the greedy answers come in identical pairs."""
     from trl_ladi.cli import main
     from trl_ladi.testing import make_tokenizer, tiny_ladir_model
 
@@ -252,6 +252,8 @@ def test_cli_samples_a_ladir_model_with_the_sampler_flags(tmp_path):
     assert sde_again["latent_diversity_mean"] == sde["latent_diversity_mean"]
     assert ode["latent_diversity_mean"] != sde["latent_diversity_mean"]
     assert more_steps["latent_diversity_mean"] != sde["latent_diversity_mean"]
+    with pytest.raises(ValueError, match="draw_slots_from_prior=True needs a 'token_posterior' model"):
+        evaluate("slots_from_prior", "--draw_slots_from_prior")  # the flag reaches the sampler, which checks it
     # greedy answers, two per latent: answers 0-1 read one latent, 2-3 another
     for problem in two_decodes["per_problem"]:
         answers = problem["answers"]

@@ -338,6 +338,33 @@ def test_token_posterior_samples_land_on_codebook_rows(tokenizer):
     assert len(set(distances.argmin(-1).tolist())) > 1  # not one token everywhere
 
 
+@pytest.mark.statistical
+@torch.no_grad()
+def test_token_posterior_slots_drawn_from_the_prior_follow_it(tokenizer, margin, statistical_seed):
+    """`draw_slots_from_prior=True`: every slot is one codebook row, drawn as often as its prior at the config's
+    temperature says (checked on the first slot, whose prior is the prompt's), with no denoising step recorded."""
+    model = build(tokenizer, seed=3, token_readout_temperature=0.05, **TOKEN_POSTERIOR).double()
+    prompt_ids, prompt_mask = prompts(tokenizer, PROMPTS[:1])
+    num_latents = 4000
+    samples = sample(model, prompt_ids, prompt_mask, num_latents=num_latents, num_decodes_per_latent=1,
+                     draw_slots_from_prior=True, generator=torch.Generator().manual_seed(statistical_seed))
+    trace = samples.trace
+    assert trace.step_log_probs.shape == (num_latents, trace.block_mask.shape[1], 0)
+    assert trace.step_latents.shape[2] == 1 and trace.timesteps.tolist() == [0.0]
+    codebook = model.latent_codebook()
+    real_slots = trace.latents[trace.block_mask].flatten(0, 1)
+    assert (real_slots[:, None] == codebook[None]).all(-1).any(-1).all()  # exactly a codebook row, not a mean of rows
+    first_slot_tokens = torch.cdist(trace.latents[:, 0, 0], codebook).argmin(-1)
+    frequencies = torch.bincount(first_slot_tokens, minlength=codebook.shape[0]).double() / num_latents
+    prior_logits = model.next_slot_prior(model.prefill(prompt_ids, prompt_mask))[0]
+    prior = (prior_logits / 0.05).softmax(-1)  # the temperature: the tiny LM's own logits are nearly flat
+    assert prior.max() > 0.1 and (prior > 0.01).sum() > 5  # a prior worth checking: neither flat nor one token
+    # the binomial std of a frequency here is <= 0.008
+    margin.check("largest |frequency - prior|", (frequencies - prior).abs().max().item(), 0.04, "<",
+                 context=(prior.topk(5), frequencies.topk(5)))
+    assert len(samples.completion_ids) == num_latents  # the answers read the drawn blocks as any other
+
+
 def test_token_posterior_refuses_what_it_has_no_use_for(tokenizer):
     with pytest.raises(ValueError, match="token_posterior.*needs token_aligned_latents=True"):
         build(tokenizer, velocity_parameterization="token_posterior")
@@ -349,6 +376,10 @@ def test_token_posterior_refuses_what_it_has_no_use_for(tokenizer):
         sample(model, prompt_ids, prompt_mask, cfg_scale=2.0)
     with pytest.raises(ValueError, match="exact posterior for the noise of its config"):
         sample(model, prompt_ids, prompt_mask, initial_noise_scale=0.5)
+    with pytest.raises(ValueError, match="no denoising step for the guidance"):
+        sample(model, prompt_ids, prompt_mask, draw_slots_from_prior=True, diversity_guidance_scale=0.5)
+    with pytest.raises(ValueError, match="draw_slots_from_prior=True needs a 'token_posterior' model"):
+        sample(build(tokenizer), prompt_ids, prompt_mask, draw_slots_from_prior=True)
     assert model.velocity_head_parameters() == []  # nothing of the head is used, so nothing of it is trained
     inputs = _packed_inputs(tokenizer)
     slots = torch.zeros(2, MAX_BLOCKS, L, dtype=torch.long)

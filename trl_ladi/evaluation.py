@@ -324,6 +324,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser):
     )
     ladir.add_argument("--num_denoise_steps", type=int, default=None, help="Steps per block (default: the model's).")
     ladir.add_argument(
+        "--draw_slots_from_prior", action="store_true",
+        help="A token-posterior model draws each slot's token from its prior: where its denoising steps end as they get "
+        "small, in one step (docs/sft.md). The RL rollouts take the steps.",
+    )
+    ladir.add_argument(
         "--num_decodes_per_latent", type=int, default=1,
         help="Answers decoded from each sampled latent; 1 keeps the samples independent, as pass@k assumes.",
     )
@@ -365,6 +370,7 @@ def _load_generate_fn(path: str, args) -> Callable:
             num_decodes_per_latent=args.num_decodes_per_latent,
             num_denoise_steps=args.num_denoise_steps,
             sde_noise_level=args.sde_noise_level,
+            draw_slots_from_prior=args.draw_slots_from_prior,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
         )

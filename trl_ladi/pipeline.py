@@ -29,6 +29,9 @@ A token-posterior model (`LaDiRConfig.velocity_parameterization="token_posterior
                 velocity = model.posterior_velocity(prior, z_slot, t)     (exact, no forward)
                 z_slot ~ sampling.policy_step(z_slot, velocity, t, t_next, ...)
 
+        or, with `draw_slots_from_prior=True` (evaluation only: no steps to score), where those steps end as they get
+        small: z_slot = codebook[v] with v ~ softmax(prior / T)
+
 The RL trainer calls `sample` on token ids; `sample_answers` is text in, text out.
 """
 
@@ -128,6 +131,7 @@ class LaDiRPipeline:
         cfg_scale: float = 1.0,
         diversity_guidance_scale: float = 0.0,
         max_blocks: int | None = None,
+        draw_slots_from_prior: bool = False,
         num_decodes_per_latent: int = 1,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
@@ -156,6 +160,7 @@ class LaDiRPipeline:
             diversity_guidance_scale=diversity_guidance_scale,
             latent_group_size=latent_group_size or num_latents,
             max_blocks=max_blocks,
+            draw_slots_from_prior=draw_slots_from_prior,
             generator=generator,
         )
         trace.denoise_seconds = time.perf_counter() - start_time
@@ -190,6 +195,7 @@ class LaDiRPipeline:
         diversity_guidance_scale: float = 0.0,
         latent_group_size: int = 1,
         max_blocks: int | None = None,
+        draw_slots_from_prior: bool = False,
         generator: torch.Generator | None = None,
     ) -> LatentTrace:
         """Denoise blocks one after another after the prompt in ``context``, until every row's stop head says
@@ -199,6 +205,11 @@ class LaDiRPipeline:
         (``sde_noise_level = 0``: deterministic Euler). ``cfg_scale != 1`` adds classifier-free guidance (a second
         velocity with the prompt hidden); ``diversity_guidance_scale > 0`` repels the latents of a prompt (groups of
         ``latent_group_size`` consecutive rows) from each other. Defaults come from the model config.
+
+        ``draw_slots_from_prior=True`` (a token posterior only) draws each slot's codebook row from its prior instead:
+        the exact end point of the slot's denoising chain, which the ``K`` SDE steps approximate (their last step
+        leaves noise of std ~0.13 at ``K = 6``, noise level 0.7). Such a trace records no steps (``K = 0``): it is for
+        evaluation and generation, and RL cannot score it.
         """
         model, config = self.model, self.model.config
         num_denoise_steps = config.num_denoise_steps if num_denoise_steps is None else num_denoise_steps
@@ -216,16 +227,28 @@ class LaDiRPipeline:
                     "reads every slot with the prompt), so classifier-free guidance has nothing to guide with. Use "
                     "cfg_scale=1.0."
                 )
+            if draw_slots_from_prior and diversity_guidance_scale != 0:
+                raise ValueError(
+                    f"diversity_guidance_scale={diversity_guidance_scale} with draw_slots_from_prior=True: a slot drawn "
+                    "from its prior takes no denoising step for the guidance to act on. Use one or the other."
+                )
             if initial_noise_scale != config.initial_noise_scale:
                 raise ValueError(
                     f"initial_noise_scale={initial_noise_scale}: a 'token_posterior' denoiser is the exact posterior "
                     f"for the noise of its config ({config.initial_noise_scale}); set LaDiRConfig.initial_noise_scale "
                     "instead, or pass None."
                 )
+        elif draw_slots_from_prior:
+            raise ValueError(
+                f"draw_slots_from_prior=True needs a 'token_posterior' model (its slots are codebook rows with a "
+                f"prior); this one's velocity_parameterization is {config.velocity_parameterization!r}."
+            )
         rows, device = context.rows, context.key_is_real.device
         block_shape = (rows, config.latent_tokens_per_block, config.latent_dim)
         dtype = torch.promote_types(model.dtype, torch.float32)  # the step's math: float32, or float64 for such a model
         timesteps = sampling.flow_matching_timesteps(num_denoise_steps, config.timestep_shift).to(device)
+        if draw_slots_from_prior:
+            timesteps = timesteps[-1:]  # no steps: each slot is drawn at t = 0
 
         record = {name: [] for name in ("step_latents", "step_means", "step_stds", "step_log_probs", "mean_offsets")}
         block_mask = []
@@ -242,7 +265,9 @@ class LaDiRPipeline:
                 diversity_guidance_scale=diversity_guidance_scale, latent_group_size=latent_group_size,
                 active=block_mask[-1], generator=generator,
             )
-            if config.velocity_parameterization == "token_posterior":
+            if draw_slots_from_prior:
+                steps = self._draw_slots_from_prior(block_context, writing, z, generator)
+            elif config.velocity_parameterization == "token_posterior":
                 steps = self._denoise_slot_by_slot(block_context, writing, z, policy)
             else:
                 steps = self._denoise_block(block_context, writing, z, policy)
@@ -312,6 +337,30 @@ class LaDiRPipeline:
             "step_stds": slots[0]["step_stds"],  # a function of the schedule: the same for every slot
             "step_log_probs": sum(s["step_log_probs"] for s in slots),
             "mean_offsets": torch.cat([s["mean_offsets"] for s in slots], 2),
+        }
+
+    def _draw_slots_from_prior(self, block_context, writing, z, generator) -> dict:
+        """Token posterior, exact: slot ``j``'s token ``v ~ softmax(prior_j / T)`` (``T`` the model's
+        ``token_readout_temperature``, as in the posterior), its latent the codebook row ``c_v``. The denoising chain of
+        :meth:`_denoise_slot_by_slot` ends on ``c_v`` with this probability as its steps go to 0 (at ``t = 1`` the
+        posterior is the prior); drawn here in one step. Returns the records of a chain with no steps (``K = 0``)."""
+        model, (rows, num_slots, latent_dim) = self.model, z.shape
+        if block_context.latent_codebook is None:
+            block_context.latent_codebook = model.latent_codebook()  # a constant of the pass
+        codebook = block_context.latent_codebook
+        slots = []
+        for _ in range(num_slots):
+            prior_logits = self._slot_prior(block_context, writing, slots[-1] if slots else None, rows)[:, 0]
+            probabilities = (prior_logits.to(z.dtype) / model.config.token_readout_temperature).softmax(-1)
+            tokens = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+            slots.append(codebook[tokens].to(z.dtype))
+        no_steps = z.new_zeros(rows, 0)
+        return {
+            "step_latents": torch.stack(slots, 1)[:, None],  # (R, 1, L, D): the clean block only
+            "step_means": z.new_zeros(rows, 0, num_slots, latent_dim),
+            "step_stds": no_steps,
+            "step_log_probs": no_steps,
+            "mean_offsets": z.new_zeros(rows, 0, num_slots, latent_dim),
         }
 
     def _policy_step(self, steps: dict, z, velocity, t, t_next, policy: dict, velocity_uncond=None) -> torch.Tensor:
