@@ -316,9 +316,7 @@ class LaDiRPipeline:
         No classifier-free guidance (`sample_latents` refuses it): the reasoner stage trains no unconditional prior.
         """
         model, timesteps, rows = self.model, policy["timesteps"], z.shape[0]
-        if block_context.latent_codebook is None:
-            block_context.latent_codebook = model.latent_codebook()  # a constant of the pass
-        codebook = block_context.latent_codebook
+        codebook = self._latent_codebook(block_context)
         codebook_squared_norms = codebook.square().sum(-1)  # |c_v|^2: every posterior step of the block reads them
         slots = []
         for slot in range(z.shape[1]):
@@ -345,9 +343,7 @@ class LaDiRPipeline:
         :meth:`_denoise_slot_by_slot` ends on ``c_v`` with this probability as its steps go to 0 (at ``t = 1`` the
         posterior is the prior); drawn here in one step. Returns the records of a chain with no steps (``K = 0``)."""
         model, (rows, num_slots, latent_dim) = self.model, z.shape
-        if block_context.latent_codebook is None:
-            block_context.latent_codebook = model.latent_codebook()  # a constant of the pass
-        codebook = block_context.latent_codebook
+        codebook = self._latent_codebook(block_context)
         slots = []
         for _ in range(num_slots):
             prior_logits = self._slot_prior(block_context, writing, slots[-1] if slots else None, rows)[:, 0]
@@ -362,6 +358,12 @@ class LaDiRPipeline:
             "step_log_probs": no_steps,
             "mean_offsets": z.new_zeros(rows, 0, num_slots, latent_dim),
         }
+
+    def _latent_codebook(self, block_context) -> torch.Tensor:
+        """The model's latent codebook, computed once per sampling pass: it is a constant of the pass."""
+        if block_context.latent_codebook is None:
+            block_context.latent_codebook = self.model.latent_codebook()
+        return block_context.latent_codebook
 
     def _policy_step(self, steps: dict, z, velocity, t, t_next, policy: dict, velocity_uncond=None) -> torch.Tensor:
         """One step of the SDE policy from ``z``; appends what it recorded to ``steps`` and returns the sample."""
