@@ -259,18 +259,19 @@ class LaDiRPipeline:
             # in the cache without a forward, and velocity 0 in the step math (its records are masked everywhere).
             writing = (~stopped).nonzero().squeeze(-1)
             block_context = context if len(writing) == rows else context.select_rows(writing)
-            z = initial_noise_scale * torch.randn(block_shape, device=device, dtype=dtype, generator=generator)
-            policy = dict(
-                timesteps=timesteps, sde_noise_level=sde_noise_level, cfg_scale=cfg_scale,
-                diversity_guidance_scale=diversity_guidance_scale, latent_group_size=latent_group_size,
-                active=block_mask[-1], generator=generator,
-            )
-            if draw_slots_from_prior:
-                steps = self._draw_slots_from_prior(block_context, writing, z, generator)
-            elif config.velocity_parameterization == "token_posterior":
-                steps = self._denoise_slot_by_slot(block_context, writing, z, policy)
+            if draw_slots_from_prior:  # no start noise: the slots are drawn, not denoised
+                steps = self._draw_slots_from_prior(block_context, writing, block_shape, dtype, generator)
             else:
-                steps = self._denoise_block(block_context, writing, z, policy)
+                z = initial_noise_scale * torch.randn(block_shape, device=device, dtype=dtype, generator=generator)
+                policy = dict(
+                    timesteps=timesteps, sde_noise_level=sde_noise_level, cfg_scale=cfg_scale,
+                    diversity_guidance_scale=diversity_guidance_scale, latent_group_size=latent_group_size,
+                    active=block_mask[-1], generator=generator,
+                )
+                if config.velocity_parameterization == "token_posterior":
+                    steps = self._denoise_slot_by_slot(block_context, writing, z, policy)
+                else:
+                    steps = self._denoise_block(block_context, writing, z, policy)
             for name, values in steps.items():
                 record[name].append(values)
             z = steps["step_latents"][:, -1]
@@ -337,26 +338,27 @@ class LaDiRPipeline:
             "mean_offsets": torch.cat([s["mean_offsets"] for s in slots], 2),
         }
 
-    def _draw_slots_from_prior(self, block_context, writing, z, generator) -> dict:
+    def _draw_slots_from_prior(self, block_context, writing, block_shape, dtype, generator) -> dict:
         """Token posterior, exact: slot ``j``'s token ``v ~ softmax(prior_j / T)`` (``T`` the model's
         ``token_readout_temperature``, as in the posterior), its latent the codebook row ``c_v``. The denoising chain of
         :meth:`_denoise_slot_by_slot` ends on ``c_v`` with this probability as its steps go to 0 (at ``t = 1`` the
         posterior is the prior); drawn here in one step. Returns the records of a chain with no steps (``K = 0``)."""
-        model, (rows, num_slots, latent_dim) = self.model, z.shape
+        model, (rows, num_slots, latent_dim) = self.model, block_shape
         codebook = self._latent_codebook(block_context)
         slots = []
         for _ in range(num_slots):
             prior_logits = self._slot_prior(block_context, writing, slots[-1] if slots else None, rows)[:, 0]
-            probabilities = (prior_logits.to(z.dtype) / model.config.token_readout_temperature).softmax(-1)
+            probabilities = (prior_logits.to(dtype) / model.config.token_readout_temperature).softmax(-1)
             tokens = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
-            slots.append(codebook[tokens].to(z.dtype))
-        no_steps = z.new_zeros(rows, 0)
+            slots.append(codebook[tokens].to(dtype))
+        block = torch.stack(slots, 1)
+        no_steps = block.new_zeros(rows, 0)
         return {
-            "step_latents": torch.stack(slots, 1)[:, None],  # (R, 1, L, D): the clean block only
-            "step_means": z.new_zeros(rows, 0, num_slots, latent_dim),
+            "step_latents": block[:, None],  # (R, 1, L, D): the clean block only
+            "step_means": block.new_zeros(rows, 0, num_slots, latent_dim),
             "step_stds": no_steps,
             "step_log_probs": no_steps,
-            "mean_offsets": z.new_zeros(rows, 0, num_slots, latent_dim),
+            "mean_offsets": block.new_zeros(rows, 0, num_slots, latent_dim),
         }
 
     def _latent_codebook(self, block_context) -> torch.Tensor:
