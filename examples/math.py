@@ -416,6 +416,13 @@ def run(script_args, training_args, train_dataset, test_dataset, reward_func, an
     print("Times (s): " + ", ".join(f"{name[:-2]} {seconds:.0f}" for name, seconds in timings.items()))
     print(f"pass@k on {len(test_dataset)} held-out problems, {script_args.eval_num_samples} samples each:")
     print(format_pass_at_k_table(results))
+    # an RL group of as many latents gets a gradient from these problems only (the others score all 0 or all 1)
+    mixed = ", ".join(
+        f"{name} {100 * result['frac_problems_mixed']:.0f}%"
+        for name, result in results.items()
+        if result["frac_problems_mixed"] is not None
+    )
+    print(f"Problems with some but not all of their {script_args.eval_num_samples} samples right: {mixed}")
     print(f"Wrote {json_path} and {png_path}")
     return results
 

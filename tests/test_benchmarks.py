@@ -319,3 +319,31 @@ def test_rl_on_seen_problems_trains_and_evaluates_on_the_same_unseen_problems(re
     kl = report["training"][with_kl]["latent_kl"]
     assert len(kl) == 2 and kl[0] == pytest.approx(0, abs=1e-6)
     assert str(tmp_path) not in (output / "rl_on_seen_problems.json").read_text()  # no machine paths
+
+
+def test_prompts_with_gradient_counts_each_problems_outcomes(tmp_path):
+    from trl_ladi.testing import make_tokenizer, tiny_ladir_model
+
+    tokenizer = make_tokenizer()
+    model_dir = tmp_path / "ladir"
+    tiny_ladir_model(tokenizer, latent_tokens_per_block=4, token_aligned_latents=True,
+                     velocity_parameterization="token_posterior").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = run_benchmark("prompts_with_gradient.py", "--ladir_model_path", str(model_dir), "--num_problems", "3",
+                           "--num_latents", "8", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "out"),
+                           cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "prompts_with_gradient.json").read_text())
+    assert [len(problem["rewards"]) for problem in report["problems"]] == [8, 8, 8]
+    assert list(report["shares_by_latents_per_prompt"]) == ["4", "8"]
+    for n, share in report["shares_by_latents_per_prompt"].items():
+        # the three outcomes partition the problems, and each share is counted from the recorded rewards
+        assert sum(share.values()) == pytest.approx(1.0)
+        right = [sum(reward >= 1.0 for reward in problem["rewards"][: int(n)]) for problem in report["problems"]]
+        assert share["all_wrong"] == pytest.approx(sum(c == 0 for c in right) / 3)
+    assert str(tmp_path) not in json.dumps(report["settings"])  # no machine paths
+
+    outcome_shares = import_benchmark("prompts_with_gradient").outcome_shares
+    assert outcome_shares([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]], 4) == {
+        "mixed": 0.5, "all_wrong": 0.25, "all_right": 0.25}
+    assert outcome_shares([[1, 0, 0, 0]], 1) == {"mixed": 0.0, "all_wrong": 0.0, "all_right": 1.0}

@@ -95,6 +95,7 @@ def test_evaluate_pass_at_k_with_a_fake_generator():
     assert [p["c"] for p in result["per_problem"]] == [1, 0, 3]
     assert [p["distinct_answers"] for p in result["per_problem"]] == [3, 1, 2]
     assert result["distinct_answers_mean"] == pytest.approx(2.0)
+    assert result["frac_problems_mixed"] == pytest.approx(2 / 3)  # q1 has no right answer: no RL gradient
     # latents (0,0), (1,1), (2,2), (3,3): mean pairwise distance sqrt(2) * (1+2+3+1+2+1) / 6
     assert result["latent_diversity_mean"] == pytest.approx(math.sqrt(2) * 10 / 6)
     assert result["per_problem"][0]["rewards"] == [1.0, 0.0, 0.0, 0.0]
@@ -109,6 +110,7 @@ def test_unjudgeable_problems_are_left_out():
                                 show_progress=False)
     assert result["num_judged"] == 1
     assert result["pass_at_k"][1] == pytest.approx(0.25)
+    assert result["frac_problems_mixed"] == 1.0  # of the judged problems only
     assert result["per_problem"][1]["rewards"] == [None] * 4 and result["per_problem"][1]["pass_at_k"] is None
 
 

@@ -69,6 +69,16 @@ def test_math_example_runs_every_stage_on_a_tiny_model(tiny_run, capsys):
     assert "pass@1" in printed and "LaDi-RL (after RL)" in printed
     record = check_pass_at_k_file(output_dir, ["LaDiR (before RL)", "LaDi-RL (after RL)"])
     assert record["results"] == json.loads(json.dumps(results))
+    # the share of test problems an RL group of 4 latents would get a gradient from, counted from the samples
+    mixed = [
+        sum(0 < problem["c"] < 4 for problem in result["per_problem"]) / len(result["per_problem"])
+        for result in record["results"].values()
+    ]
+    assert [result["frac_problems_mixed"] for result in record["results"].values()] == pytest.approx(mixed)
+    assert (
+        f"some but not all of their 4 samples right: LaDiR (before RL) {100 * mixed[0]:.0f}%, "
+        f"LaDi-RL (after RL) {100 * mixed[1]:.0f}%"
+    ) in printed
     assert set(record["timings"]) == {"ladir_stages_s", "eval_before_s", "ladirl_s", "eval_after_s", "total_s"}
     for model_dir in (output_dir / "ladir", output_dir):
         assert json.loads((model_dir / "config.json").read_text())["model_type"] == "ladir"

@@ -183,8 +183,11 @@ def evaluate_pass_at_k(
 
     Returns:
         A JSON-serialisable dict: `pass_at_k` ({k: mean over judged problems}), `num_problems`, `num_judged`,
-        `num_samples`, `distinct_answers_mean`, `latent_diversity_mean` (`None` without latents), and `per_problem`
-        (index, n, c, answers, rewards, pass_at_k, distinct_answers, latent_diversity).
+        `num_samples`, `distinct_answers_mean`, `latent_diversity_mean` (`None` without latents),
+        `frac_problems_mixed` (the share of judged problems with some but not all of their samples right: the share of
+        prompts whose RL group of `num_samples` independent answers or latents would give a gradient, i.e.
+        1 - `frac_reward_zero_std`), and `per_problem` (index, n, c, answers, rewards, pass_at_k, distinct_answers,
+        latent_diversity).
     """
     ks = sorted(set(ks))
     if not ks or ks[0] < 1 or ks[-1] > num_samples:
@@ -247,6 +250,9 @@ def evaluate_pass_at_k(
             sum(p["distinct_answers"] for p in per_problem) / len(per_problem) if per_problem else None
         ),
         "latent_diversity_mean": sum(diversities) / len(diversities) if diversities else None,
+        "frac_problems_mixed": (
+            sum(0 < p["c"] < p["n"] for p in judged_problems) / len(judged_problems) if judged_problems else None
+        ),
         "per_problem": per_problem,
     }
 
