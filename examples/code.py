@@ -52,6 +52,8 @@ CODE_DEFAULTS = {
     "vae_decoder_lora_rank": 0,
     "token_substitution_prob": 0.3,
     "initial_noise_scale": None,  # the model config's (LaDiR: 2)
+    # 2 prompts x 8 latents a step (math.py's 1 x 16 is measured on chain_sum; a code latent's decodes can differ)
+    "num_generations": 8,
     "latent_policy_parameters": "velocity_head",
     "learning_rate": 1e-4,
     "vae_steps": 80,

@@ -173,9 +173,11 @@ class ScriptArguments:
 RL_DEFAULTS = {
     "output_dir": "outputs/ladirl-math",
     "max_steps": 8,
-    # 2 prompts per step: at ~25% pass@1 one prompt's 8 latents were all wrong (or all right) in 7 of 8 steps
+    # 1 prompt x 16 latents per step. A prompt gives a gradient only when some of its latents are right and some
+    # wrong: at 8 latents that held for 42% of training problems, at 16 for 52% (benchmarks/prompts_with_gradient.py),
+    # and the same 16 latents per step as 2 prompts x 8 had half as many traces with an advantage (docs/quickstart.md)
     "per_device_train_batch_size": 16,
-    "num_generations": 8,  # N latents per prompt
+    "num_generations": 16,  # N latents per prompt
     "num_decodes_per_latent": 2,  # M answers per latent
     "max_completion_length": 16,  # "#### N" and the end of turn
     "temperature": 0.7,
