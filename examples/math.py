@@ -174,8 +174,8 @@ RL_DEFAULTS = {
     "output_dir": "outputs/ladirl-math",
     "max_steps": 8,
     # 1 prompt x 16 latents per step. A prompt gives a gradient only when some of its latents are right and some
-    # wrong: at 8 latents that held for 42% of training problems, at 16 for 52% (benchmarks/prompts_with_gradient.py),
-    # and the same 16 latents per step as 2 prompts x 8 had half as many traces with an advantage (docs/quickstart.md)
+    # wrong: at 8 latents that held for 42-44% of training problems, at 16 for 50-52%
+    # (benchmarks/prompts_with_gradient.py), for the same 16 latents of denoising per step (docs/quickstart.md)
     "per_device_train_batch_size": 16,
     "num_generations": 16,  # N latents per prompt
     "num_decodes_per_latent": 2,  # M answers per latent
