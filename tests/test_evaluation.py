@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 
 from trl_ladi.evaluation import (
     GenerationResult,
@@ -15,6 +16,7 @@ from trl_ladi.evaluation import (
     ladir_generate_fn,
     pass_at_k,
     plot_pass_at_k,
+    select_problems_with_a_gradient,
 )
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
@@ -112,6 +114,24 @@ def test_unjudgeable_problems_are_left_out():
     assert result["pass_at_k"][1] == pytest.approx(0.25)
     assert result["frac_problems_mixed"] == 1.0  # of the judged problems only
     assert result["per_problem"][1]["rewards"] == [None] * 4 and result["per_problem"][1]["pass_at_k"] is None
+
+
+def test_select_problems_with_a_gradient_keeps_the_mixed_ones():
+    dataset = Dataset.from_list([{"prompt": "q0", "answer": "1"}, {"prompt": "q1", "answer": "2"},
+                                 {"prompt": "q2", "answer": "3"}])
+    # 4 answers: q0 1 right, q1 none, q2 3 -> q0 and q2 give a gradient
+    kept, screen = select_problems_with_a_gradient(fake_generate, dataset, math_accuracy_reward, num_samples=4,
+                                                   batch_size=2, show_progress=False)
+    assert isinstance(kept, Dataset) and kept["prompt"] == ["q0", "q2"] and kept["answer"] == ["1", "3"]
+    assert screen["kept_indices"] == [0, 2] and [p["c"] for p in screen["per_problem"]] == [1, 0, 3]
+    # 3 answers: q2's first three are all right, so only q0 is mixed; a list of dicts stays a list
+    kept, screen = select_problems_with_a_gradient(fake_generate, list(dataset), math_accuracy_reward, num_samples=3,
+                                                   show_progress=False)
+    assert kept == [{"prompt": "q0", "answer": "1"}] and screen["kept_indices"] == [0]
+    # an unjudgeable problem is never kept
+    kept, _ = select_problems_with_a_gradient(fake_generate, [{"prompt": "q0", "answer": None}],
+                                              math_accuracy_reward, num_samples=4, show_progress=False)
+    assert kept == []
 
 
 def test_evaluate_pass_at_k_bad_input():

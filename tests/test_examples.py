@@ -149,3 +149,33 @@ def test_math_example_trains_token_aligned_latents_with_a_decoder_adapter(tiny_b
     assert config["token_aligned_latents"] is True and config["vae_decoder_lora_rank"] == 4
     assert config["latent_tokens_per_block"] == 8 and config["latent_scaling_factor"] != 1.0
     check_pass_at_k_file(tmp_path, ["LaDiR (before RL)", "LaDi-RL (after RL)"])
+
+
+def test_math_example_screens_rl_problems_and_trains_only_on_mixed_ones(tiny_run, tmp_path, capsys):
+    ladir_dir = tiny_run[0] / "ladir"
+    if not ladir_dir.is_dir():
+        pytest.skip("needs the LaDiR model of test_math_example_runs_every_stage_on_a_tiny_model")
+    module = load_example("math")
+    argv = ["--ladir_model_path", str(ladir_dir), "--output_dir", str(tmp_path), *TINY_SIZES,
+            "--rl_screening_samples", "2", "--rl_screening_problems", "8", "--max_steps", "6"]
+    script_args, training_args = module.make_parser().parse_args_and_config(args=argv)
+    train, test = module.load_math_data(script_args, training_args.seed)
+    rl_calls = []
+
+    def odd_answers_are_mixed(prompts, completions, answer, **kwargs):
+        """Answers alternate right / wrong on problems with an odd answer; all wrong on the others."""
+        if len(prompts) == 8:  # an RL step: 1 prompt x 4 latents x 2 decodes (screening scores 2, evaluation 4)
+            rl_calls.append(set(prompts))
+        return [float(int(a) % 2 == 1 and i % 2 == 0) for i, a in enumerate(answer)]
+
+    module.run(script_args, training_args, train, test, odd_answers_are_mixed)
+
+    kept = [row["prompt"] for row in train.select(range(8)) if int(row["answer"]) % 2 == 1]
+    assert 0 < len(kept) < 8  # the fixed seed's problems: the check below can tell kept from dropped
+    assert f"RL problems: {len(kept)} of 8 screened training problems" in capsys.readouterr().out
+    # 6 steps, every one on a kept problem (drawn from all 16 training problems, 6 steps would hit a dropped one)
+    assert len(rl_calls) == 6 and all(prompts <= set(kept) for prompts in rl_calls)
+    assert "rl_screening_s" in json.loads((tmp_path / "pass_at_k.json").read_text())["timings"]
+
+    with pytest.raises(ValueError, match=r"Screening kept 0 of 8 training problems.*--rl_screening_problems"):
+        module.run(script_args, training_args, train, test, lambda completions, **kwargs: [0.0] * len(completions))

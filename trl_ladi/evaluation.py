@@ -33,6 +33,7 @@ __all__ = [
     "ladir_generate_fn",
     "pass_at_k",
     "plot_pass_at_k",
+    "select_problems_with_a_gradient",
 ]
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -255,6 +256,38 @@ def evaluate_pass_at_k(
         ),
         "per_problem": per_problem,
     }
+
+
+def select_problems_with_a_gradient(generate_fn: Callable[[list, int], GenerationResult], dataset, reward_func: Callable,
+                                    num_samples: int = 8, **eval_kwargs):
+    """The problems of `dataset` whose `num_samples` sampled answers do not all score alike, and the screening result.
+
+    A GRPO / LaDi-RL group whose rewards are all equal has zero advantage everywhere, so a prompt the model always
+    or never solves gives no gradient (`frac_reward_zero_std`). Screening the training problems with the policy's own
+    sampler before RL and keeping the others spends the rollouts where they can teach (offline difficulty filtering;
+    DAPO's dynamic sampling does it online). The screen is one draw: a kept problem can still come out all alike in
+    RL, a dropped one could have been mixed.
+
+    Args:
+        generate_fn: As for `evaluate_pass_at_k`; it should sample as the RL rollouts sample.
+        dataset: As for `evaluate_pass_at_k`.
+        reward_func: As for `evaluate_pass_at_k`: the reward the RL stage uses.
+        num_samples: Answers sampled per problem (one per latent for a LaDiR `generate_fn`).
+        eval_kwargs: Passed to `evaluate_pass_at_k` (`batch_size`, `seed`, `split_across_processes`, ...).
+
+    Returns:
+        `(kept, screen)`: `dataset` restricted to the kept problems (a `datasets.Dataset` stays one, keeping its
+        order), and `evaluate_pass_at_k`'s result with `kept_indices` added.
+    """
+    screen = evaluate_pass_at_k(generate_fn, dataset, reward_func, ks=[1], num_samples=num_samples, **eval_kwargs)
+    kept_indices = [
+        problem["index"] for problem in screen["per_problem"]
+        if problem["judged"] and min(problem["rewards"]) < max(problem["rewards"])
+    ]
+    screen["kept_indices"] = kept_indices
+    if hasattr(dataset, "select"):
+        return dataset.select(kept_indices), screen
+    return [dataset[index] for index in kept_indices], screen
 
 
 def format_pass_at_k_table(results: dict[str, dict]) -> str:
