@@ -328,6 +328,20 @@ def load_ladir(path: str, training_args: LaDiRLConfig):
     return model, AutoTokenizer.from_pretrained(path, padding_side="left")
 
 
+def rollout_generate_fn(model, tokenizer, training_args: LaDiRLConfig, **options):
+    """A `generate_fn` sampling this process's copy of `model` with the RL rollouts' sampler settings; `options` (e.g.
+    `num_decodes_per_latent`) go to `ladir_generate_fn` too."""
+    return ladir_generate_fn(
+        model.to(PartialState().device).eval(),
+        tokenizer,
+        num_denoise_steps=training_args.num_denoise_steps,
+        sde_noise_level=training_args.sde_noise_level,
+        max_new_tokens=training_args.max_completion_length,
+        temperature=training_args.temperature,
+        **options,
+    )
+
+
 def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args, training_args) -> dict:
     """pass@k on the test problems, sampled as the RL rollouts sample (SDE policy), with `eval_decodes_per_latent`
     answers per latent. Every process calls it and samples a share of the problems; each gets the whole result."""
@@ -337,15 +351,9 @@ def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args
             f"--eval_num_samples {script_args.eval_num_samples} must be a multiple of --eval_decodes_per_latent "
             f"{num_decodes} (samples = latents x decodes per latent)."
         )
-    generate_fn = ladir_generate_fn(
-        model.to(PartialState().device).eval(),
-        tokenizer,
-        num_decodes_per_latent=num_decodes,
-        num_denoise_steps=training_args.num_denoise_steps,
-        sde_noise_level=training_args.sde_noise_level,
+    generate_fn = rollout_generate_fn(
+        model, tokenizer, training_args, num_decodes_per_latent=num_decodes,
         draw_slots_from_prior=script_args.eval_draw_slots_from_prior,
-        max_new_tokens=training_args.max_completion_length,
-        temperature=training_args.temperature,
     )
     return evaluate_pass_at_k(
         generate_fn,
@@ -369,14 +377,7 @@ def screen_rl_problems(model, tokenizer, train_dataset, reward_func, script_args
             f"{script_args.rl_screening_problems}: screening needs at least 2 answers per problem (one answer cannot "
             "be mixed) and at least 1 problem; pass --rl_screening_samples 0 to train on every problem."
         )
-    generate_fn = ladir_generate_fn(
-        model.to(PartialState().device).eval(),
-        tokenizer,
-        num_denoise_steps=training_args.num_denoise_steps,
-        sde_noise_level=training_args.sde_noise_level,
-        max_new_tokens=training_args.max_completion_length,
-        temperature=training_args.temperature,
-    )
+    generate_fn = rollout_generate_fn(model, tokenizer, training_args)
     screened = train_dataset.select(range(min(script_args.rl_screening_problems, len(train_dataset))))
     kept, screen = select_problems_with_a_gradient(
         generate_fn, screened, reward_func, num_samples=script_args.rl_screening_samples,
