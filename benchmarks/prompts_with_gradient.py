@@ -5,8 +5,8 @@
 
 A LaDi-RL group (one prompt, N latents) gives a gradient only when its latents' utilities differ: some right, some
 wrong. The share of prompts that do is `1 - frac_reward_zero_std`, which the main job logs from its RL steps' prompts
-(8 over its 8 steps; 16 at the earlier 2 prompts a step): too few to tell 40% from 60%. This script measures the same share on more problems before
-any RL: it samples `--num_latents` latents (one answer each) for each of the first `--num_problems` problems of the
+(8 over its 8 steps; 16 at the earlier 2 prompts a step): too few to tell 40% from 60%. This script measures the same
+share on more problems before any RL: it samples `--num_latents` latents (one answer each) for each of the first `--num_problems` problems of the
 main job's training split, with the RL rollouts' sampler settings (examples/math.py's defaults), and counts the
 problems whose first n answers are all wrong, all right, or mixed, for n = 4, 8, ... up to `--num_latents`. Two
 decodes of one chain_sum latent gave the same answer in every RL step measured (`decode_agreement` 1,

@@ -368,15 +368,21 @@ def evaluate(model, tokenizer, test_dataset, reward_func, answer_fn, script_args
     )
 
 
-def screen_rl_problems(model, tokenizer, train_dataset, reward_func, script_args, training_args):
-    """The first `rl_screening_problems` training problems whose `rl_screening_samples` latents (one answer each,
-    sampled as the RL rollouts sample) do not all score alike. Every process screens a share; each gets the result."""
-    if script_args.rl_screening_samples < 2 or script_args.rl_screening_problems < 1:
+def check_rl_screening(script_args: ScriptArguments):
+    """Refuse screening settings that cannot keep a problem, before any stage runs."""
+    if script_args.rl_screening_samples and (
+        script_args.rl_screening_samples < 2 or script_args.rl_screening_problems < 1
+    ):
         raise ValueError(
             f"--rl_screening_samples {script_args.rl_screening_samples} --rl_screening_problems "
             f"{script_args.rl_screening_problems}: screening needs at least 2 answers per problem (one answer cannot "
             "be mixed) and at least 1 problem; pass --rl_screening_samples 0 to train on every problem."
         )
+
+
+def screen_rl_problems(model, tokenizer, train_dataset, reward_func, script_args, training_args):
+    """The first `rl_screening_problems` training problems whose `rl_screening_samples` latents (one answer each,
+    sampled as the RL rollouts sample) do not all score alike. Every process screens a share; each gets the result."""
     generate_fn = rollout_generate_fn(model, tokenizer, training_args)
     screened = train_dataset.select(range(min(script_args.rl_screening_problems, len(train_dataset))))
     kept, screen = select_problems_with_a_gradient(
@@ -392,8 +398,9 @@ def screen_rl_problems(model, tokenizer, train_dataset, reward_func, script_args
             "problem."
         )
     if PartialState().is_main_process:
-        print(f"RL problems: {len(kept)} of {len(screened)} screened training problems had some but not all of their "
-              f"{script_args.rl_screening_samples} answers right (screen pass@1 {100 * screen['pass_at_k'][1]:.1f}%)")
+        print(f"RL problems: {len(kept)} of {len(screened)} screened training problems, those whose "
+              f"{script_args.rl_screening_samples} answers did not all score alike (screen pass@1 "
+              f"{100 * screen['pass_at_k'][1]:.1f}%)")
     return kept
 
 
@@ -405,6 +412,7 @@ def run(script_args, training_args, train_dataset, test_dataset, reward_func, an
     timings = {}
     start = time.perf_counter()
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, with our card, below
+    check_rl_screening(script_args)  # before the stages, not after them
 
     if script_args.ladir_model_path:
         ladir_dir = script_args.ladir_model_path

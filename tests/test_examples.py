@@ -179,3 +179,13 @@ def test_math_example_screens_rl_problems_and_trains_only_on_mixed_ones(tiny_run
 
     with pytest.raises(ValueError, match=r"Screening kept 0 of 8 training problems.*--rl_screening_problems"):
         module.run(script_args, training_args, train, test, lambda completions, **kwargs: [0.0] * len(completions))
+
+    # one answer per problem cannot be mixed: refused before any stage runs (the evaluation would call the reward)
+    def must_not_be_called(**kwargs):
+        pytest.fail("answers were sampled and scored before the screening settings were refused")
+
+    one_answer_args, one_answer_training_args = module.make_parser().parse_args_and_config(
+        args=[*argv, "--rl_screening_samples", "1", "--output_dir", str(tmp_path / "one-answer")]
+    )
+    with pytest.raises(ValueError, match=r"--rl_screening_samples 1 .*at least 2 answers per problem"):
+        module.run(one_answer_args, one_answer_training_args, train, test, must_not_be_called)
