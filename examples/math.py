@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import TrlParser
 
@@ -254,6 +254,9 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # the new embeddings and LoRA weights are drawn here, before any trainer seeds torch: seed them too, so that the
+    # same seed gives the same LaDiR model
+    set_seed(training_args.seed)
     model = LaDiRModel.from_base(
         base,
         latent_tokens_per_block=script_args.latent_tokens_per_block,

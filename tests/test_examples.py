@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import HfApi
+from safetensors.torch import load_file
 
 from trl_ladi.testing import make_tokenizer, tiny_causal_lm
 
@@ -189,3 +191,19 @@ def test_math_example_screens_rl_problems_and_trains_only_on_mixed_ones(tiny_run
     )
     with pytest.raises(ValueError, match=r"--rl_screening_samples 1 .*at least 2 answers per problem"):
         module.run(one_answer_args, one_answer_training_args, train, test, must_not_be_called)
+
+
+def test_math_example_same_seed_gives_the_same_ladir_model(tiny_base, tmp_path):
+    """The new embeddings and LoRA weights are drawn before any trainer seeds torch; the example seeds them."""
+    module = load_example("math")
+    weights = []
+    for run in ("first", "second"):
+        torch.manual_seed(len(weights))  # whatever ran before must not matter
+        script_args, training_args = module.make_parser().parse_args_and_config(
+            args=["--model_name_or_path", tiny_base, "--output_dir", str(tmp_path / run), *TINY_SIZES]
+        )
+        train, _ = module.load_math_data(script_args, training_args.seed)
+        ladir_dir = module.train_ladir(script_args, training_args, train)
+        weights.append(load_file(os.path.join(ladir_dir, "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
