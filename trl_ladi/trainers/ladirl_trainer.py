@@ -157,6 +157,18 @@ class LaDiRLTrainer(GRPOTrainer):
             self._check_prompt_lengths(model, processing_class, train_dataset["prompt"], args, max_latent_blocks)
         use_available_cores()  # under accelerate launch on a CPU: the cores, not the one thread it sets
         keep_freed_memory()  # on a CPU: reuse the memory a step frees instead of mapping it afresh
+        half_dtypes = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
+        if half_dtypes:
+            # A step's log-probability sums L x D Gaussian terms (~300 nats at 4 x 128): bf16 rounding of the velocity
+            # moves it by nats between the sampler's cached pass and the loss's packed one (H200, SmolLM2-135M's
+            # shape: up to 1.06 nats, a first PPO ratio up to 2.9), far outside the clip range.
+            logger.warning(
+                "The model has weights in %s. LaDi-RL's step log-probabilities are sums over each latent block, and in "
+                "half precision the sampler's and the loss's computations of them differ by up to nats, which sends "
+                "the PPO ratio far outside the clip range (watch `sampler_log_prob_gap`). Load the model in float32 "
+                "and set `bf16=True` in LaDiRLConfig for mixed precision instead.",
+                " and ".join(sorted(str(dtype).replace("torch.", "") for dtype in half_dtypes)),
+            )
         if args.latent_policy_parameters == "velocity_head" and model.config.velocity_parameterization == "token_posterior":
             raise ValueError(
                 "A 'token_posterior' model has no velocity head to train: its denoiser is the exact posterior of the "
