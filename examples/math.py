@@ -145,6 +145,12 @@ class ScriptArguments:
                   "decay to 0 (at a constant 1e-3 the reasoner's held-out sentences were 6-19 points less often exact "
                   "after 90 steps, docs/sft.md)."},
     )
+    stop_weight: float = field(
+        default=8.0,
+        metadata={"help": "Weight of the stop head's cross-entropy in the LaDiR stages (LaDiR: 2). The stop head "
+                  "decides when to answer. At 2, one of three init seeds ended the reasoner stage at stop loss 0.34 "
+                  "and 4.7% pass@1; at 8 the three gave 38-50% (docs/quickstart.md, 'The LaDiR start across seeds')."},
+    )
     answer_template: str = field(
         default="#### {answer}",
         metadata={"help": "The answer text the reasoner learns to write after its latent blocks."},
@@ -283,6 +289,7 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
             lr_scheduler_type="linear",
             warmup_steps=min(10, steps // 5),
             answer_template=script_args.answer_template,
+            stop_weight=script_args.stop_weight,
             max_answer_length=training_args.max_completion_length,
             token_substitution_prob=script_args.token_substitution_prob,
             scaling_num_sentences=256,

@@ -207,3 +207,21 @@ def test_math_example_same_seed_gives_the_same_ladir_model(tiny_base, tmp_path):
         weights.append(load_file(os.path.join(ladir_dir, "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_math_example_stop_weight_reaches_the_reasoner_stage(tiny_base, tmp_path, monkeypatch):
+    module = load_example("math")
+    seen = {}
+
+    class RecordingTrainer(module.LaDiRSFTTrainer):
+        def train(self, *args, **kwargs):
+            seen[self.args.stage] = self.args.stop_weight
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(module, "LaDiRSFTTrainer", RecordingTrainer)
+    script_args, training_args = module.make_parser().parse_args_and_config(
+        args=["--model_name_or_path", tiny_base, "--output_dir", str(tmp_path), *TINY_SIZES, "--stop_weight", "5.5"]
+    )
+    train, _ = module.load_math_data(script_args, training_args.seed)
+    module.train_ladir(script_args, training_args, train)
+    assert seen == {"vae": 5.5, "reasoner": 5.5}
