@@ -201,13 +201,15 @@ def run_vs_grpo(folder, name, args, sizes, workdir) -> dict:
     ]
     if args.device == "cuda":
         command.append("--bf16")
+    command += ["--latent_policy_parameters", args.latent_policy_parameters]
     for key in ("num_generations", "num_latents", "num_decodes_per_latent", "max_completion_length",
                 "grpo_max_completion_length", "blocks", "denoise_steps", "warmup", "steps"):
         command += [f"--{key}", str(sizes[key])]
     subprocess.run(command, check=True)
     result = json.loads(output.read_text())
     return {"summary": result["summary"], "ratio_ladirl_over_grpo": result["ratio_ladirl_over_grpo"],
-            "trainable_parameters": result["settings"]["trainable_parameters"], "dtype": result["settings"]["dtype"]}
+            "trainable_parameters": result["settings"]["trainable_parameters"], "dtype": result["settings"]["dtype"],
+            "latent_policy_parameters": args.latent_policy_parameters}
 
 
 def main():
@@ -222,6 +224,8 @@ def main():
     parser.add_argument("--compile_backend", default=None,
                         help="torch.compile backend (default: inductor on a GPU, eager for --dry_run)")
     parser.add_argument("--sections", nargs="+", default=["bf16", "attention", "compile", "vs_grpo"])
+    parser.add_argument("--latent_policy_parameters", default="velocity_head",
+                        help="what LaDi-RL trains in the vs_grpo section (velocity_head, denoiser_adapter, reasoner)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/gpu_step_<device>.json)")
     args = parser.parse_args()
