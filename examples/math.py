@@ -148,8 +148,9 @@ class ScriptArguments:
     stop_weight: float = field(
         default=8.0,
         metadata={"help": "Weight of the stop head's cross-entropy in the LaDiR stages (LaDiR: 2). The stop head "
-                  "decides when to answer. At 2, one of three init seeds ended the reasoner stage at stop loss 0.34 "
-                  "and 4.7% pass@1; at 8 the three gave 38-50% (docs/quickstart.md, 'The LaDiR start across seeds')."},
+                  "decides when to answer. At 2, one of four init seeds ended the reasoner stage at stop loss 0.34 "
+                  "and 4.7% pass@1 (the others 46-53%); at 8 the four gave 38-50% (docs/quickstart.md, 'The LaDiR "
+                  "start across seeds')."},
     )
     answer_template: str = field(
         default="#### {answer}",
