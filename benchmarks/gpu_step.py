@@ -1,4 +1,5 @@
-"""The GPU check in one go (its sections took 143 s on one H200, 2026-12-04): for each model,
+"""The GPU check in one go (on one H200, 2026-12-04: 143 s for the default sections of both models, and 189 s and
+141 s for `static_step`, which runs when named in `--sections`): for each model,
 
 1. `bf16`: the sampler's log-probabilities against the loss's recomputation with every weight in bfloat16 (the ratio
    check of docs/ladirl.md: the first PPO ratio is exp(gap), and must stay well inside the clip range);
@@ -7,7 +8,9 @@
 3. `compile` (only for the models named in `--compile_models`, and in the dry run): the sampler with the base
    decoder under `torch.compile(dynamic=True)` against the plain one: the time of a warm sampler call, the first
    (compiling) call, and the largest difference in the latents it writes;
-4. `vs_grpo`: one real-size LaDi-RL step next to one TRL `GRPOTrainer` step, bf16 mixed precision, each method at its
+4. `static_step`: one denoising step's decoder forward as the sampler runs it (a growing and cropped dynamic cache)
+   against a static cache, eager, compiled, and compiled with CUDA graphs (`check_static_step`);
+5. `vs_grpo`: one real-size LaDi-RL step next to one TRL `GRPOTrainer` step, bf16 mixed precision, each method at its
    natural length (GRPO: chain-of-thought completions of up to 128 tokens; LaDi-RL: 3 latent blocks x 6 denoising
    steps, then answers of up to 16 tokens), the same prompts and answers per prompt (`benchmarks/bench_vs_grpo.py`,
    in its own process, so that each model's peak GPU memory is its own).
@@ -58,9 +61,11 @@ MODEL_SHAPES = {
 # Sizes of the real run and of the CPU dry run.
 SIZES = {
     "gpu": dict(rows=8, blocks=3, denoise_steps=6, num_generations=32, num_latents=8, num_decodes_per_latent=4,
-                max_completion_length=16, grpo_max_completion_length=128, warmup=1, steps=2),
+                max_completion_length=16, grpo_max_completion_length=128, warmup=1, steps=2,
+                static_rows=64, static_blocks_done=2, static_repeats=30),
     "dry_run": dict(rows=3, blocks=2, denoise_steps=3, num_generations=4, num_latents=2, num_decodes_per_latent=2,
-                    max_completion_length=4, grpo_max_completion_length=8, warmup=0, steps=1),
+                    max_completion_length=4, grpo_max_completion_length=8, warmup=0, steps=1,
+                    static_rows=3, static_blocks_done=1, static_repeats=2),
 }
 PROMPTS = ["What is 12 + 7 - 5?", "Compute 48 - 19 + 6.", "What is 3 + 4 + 5 - 2?"]
 
@@ -192,6 +197,104 @@ def check_compile(folder, tokenizer, args, sizes, device, dtype) -> dict:
     }
 
 
+def check_static_step(folder, tokenizer, args, sizes, device, dtype) -> dict:
+    """One denoising step's decoder forward, the sampler's hot loop (K steps per block, each feeding the same
+    ``L + 2`` noisy positions against the cached prompt and finished blocks), four ways:
+
+    - ``dynamic``: as the sampler runs it today: the positions are appended to a ``DynamicCache`` (a concatenation per
+      layer) and cropped off again;
+    - ``static``: against a ``StaticCache`` holding the same keys and values, whose last ``L + 2`` slots every step
+      overwrites in place (so every step has the same shapes and the same memory addresses);
+    - ``static_compiled``: that step under ``torch.compile(fullgraph=True)``;
+    - ``static_cuda_graphs``: the same with ``mode="reduce-overhead"`` (CUDA graphs; GPU only).
+
+    The rows are ``static_rows`` latents (a batch of prompts x N) after ``static_blocks_done`` finished blocks. Reports
+    the time per step, the first (compiling) call, and the largest difference of each way's hidden states from the
+    dynamic ones. This measures the step, not a sampler that uses it: the sampler still runs the dynamic way.
+    """
+    from transformers import StaticCache
+    from trl_ladi.modeling import tokenize_prompts
+
+    model = ladir_model(folder, args, sizes, device, dtype)
+    layout, rows = model.block_layout, sizes["static_rows"]
+    prompts = [PROMPTS[row % len(PROMPTS)] for row in range(rows)]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    block_shape = (rows, model.config.latent_tokens_per_block, model.config.latent_dim)
+    with torch.no_grad():
+        context = model.prefill(prompt_ids, prompt_mask)
+        for _ in range(sizes["static_blocks_done"]):
+            finished = torch.randn(block_shape, device=device, generator=generator)
+            model.append_block(context, finished, is_real=torch.ones(rows, dtype=torch.bool, device=device))
+        # the step's inputs, built as LaDiRModel.denoising_velocity builds them
+        noisy = torch.randn(block_shape, device=device, generator=generator)
+        t = torch.full((rows,), 0.5, device=device)
+        inputs_embeds = model._block_embeddings(noisy, model.timestep_embedding(t), with_eot=False)
+    width = layout.noisy_width
+    cached = context.key_is_real.shape[1]
+    block = torch.ones(width, width, dtype=torch.bool, device=device)
+    if model.causal_noisy_blocks:
+        block = block.tril()
+    allowed = torch.cat([context.key_is_real[:, None, :].expand(-1, width, -1), block.expand(rows, -1, -1)], 2)
+    mask = model._additive_mask(allowed)
+    positions = layout.position_ids(context.prompt_lengths, context.num_blocks, width)
+    decoder = model.language_model.get_decoder()
+
+    def dynamic_step():
+        hidden = model._cached_forward(context, inputs_embeds, allowed, positions)
+        context.cache.crop(-width)
+        return hidden
+
+    static_cache = StaticCache(config=model.language_model.config, max_cache_len=cached + width)
+    for index, layer in enumerate(context.cache.layers):  # the prompt and finished blocks, copied once
+        static_cache.layers[index].update(layer.keys, layer.values)
+
+    def static_step(inputs_embeds, mask, positions):
+        for layer in static_cache.layers:  # the next writes go to the noisy block's slots, over the last step's
+            layer.cumulative_length.fill_(cached)
+        return decoder(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, cache=static_cache, use_cache=True
+        ).last_hidden_state
+
+    ways = {"dynamic": dynamic_step, "static": lambda: static_step(inputs_embeds, mask, positions)}
+    compile_options = {"static_compiled": dict(backend=args.compile_backend)}
+    if device.type == "cuda":
+        compile_options["static_cuda_graphs"] = dict(mode="reduce-overhead")
+    result = {"rows": rows, "cached_positions": cached, "fed_positions": width, "repeats": sizes["static_repeats"]}
+    reference = None
+    for name in ["dynamic", "static", *compile_options]:
+        if name in compile_options:
+            compiled = torch.compile(static_step, fullgraph=True, **compile_options[name])
+            ways[name] = lambda compiled=compiled: compiled(inputs_embeds, mask, positions).clone()
+        try:
+            with torch.no_grad():
+                synchronize(device)
+                start = time.perf_counter()
+                hidden = ways[name]()
+                synchronize(device)
+                result[f"{name}_first_call_seconds"] = time.perf_counter() - start
+                for _ in range(2):  # CUDA graphs record on a later call than the first
+                    ways[name]()
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(sizes["static_repeats"]):
+                    hidden = ways[name]()
+                synchronize(device)
+        except Exception as error:  # a way that fails must not cost the others' numbers (one GPU lease)
+            if args.dry_run:
+                raise
+            result[f"{name}_error"] = f"{type(error).__name__}: {error}"[:1000]
+            continue
+        result[f"{name}_step_seconds"] = (time.perf_counter() - start) / sizes["static_repeats"]
+        if reference is None:
+            reference = hidden.float()
+        else:
+            result[f"{name}_max_hidden_difference"] = (hidden.float() - reference).abs().max().item()
+            result[f"dynamic_over_{name}_time"] = result["dynamic_step_seconds"] / result[f"{name}_step_seconds"]
+    result["hidden_scale"] = reference.abs().mean().item()
+    return result
+
+
 def run_vs_grpo(folder, name, args, sizes, workdir) -> dict:
     """benchmarks/bench_vs_grpo.py in its own process; returns its summary and ratios."""
     output = workdir / f"vs_grpo_{name}.json"
@@ -223,7 +326,10 @@ def main():
                              "H200 it took over 5 minutes for SmolLM2-135M without finishing")
     parser.add_argument("--compile_backend", default=None,
                         help="torch.compile backend (default: inductor on a GPU, eager for --dry_run)")
-    parser.add_argument("--sections", nargs="+", default=["bf16", "attention", "compile", "vs_grpo"])
+    parser.add_argument("--sections", nargs="+", default=["bf16", "attention", "compile", "vs_grpo"],
+                        choices=["bf16", "attention", "compile", "vs_grpo", "static_step"],
+                        help="sections to run (the dry run adds static_step); static_step compiles twice per model "
+                             "(~60-90 s each on an H200)")
     parser.add_argument("--latent_policy_parameters", default="velocity_head",
                         help="what LaDi-RL trains in the vs_grpo section (velocity_head, denoiser_adapter, reasoner)")
     parser.add_argument("--seed", type=int, default=0)
@@ -260,15 +366,17 @@ def main():
         folders = build_model_dirs(args, workdir)
         tokenizers = {name: AutoTokenizer.from_pretrained(folder, padding_side="left") for name, folder in folders.items()}
         # every model's quick sections first, the compilations (a minute or more each) last
-        plan = [(name, section) for name in folders for section in ("bf16", "attention", "vs_grpo")]
+        plan = [(name, section) for name in folders for section in ("bf16", "attention", "vs_grpo", "static_step")]
         plan += [(name, "compile") for name in folders if args.dry_run or name in args.compile_models]
-        for name, section in [(name, section) for name, section in plan if section in args.sections]:
+        sections = set(args.sections) | ({"static_step"} if args.dry_run else set())
+        for name, section in [(name, section) for name, section in plan if section in sections]:
             folder, tokenizer = folders[name], tokenizers[name]
             checks = {
                 "bf16": lambda: check_bf16(folder, tokenizer, args, sizes, device),
                 "attention": lambda: check_attention(folder, tokenizer, args, sizes, device, dtype),
                 "vs_grpo": lambda: run_vs_grpo(folder, name, args, sizes, workdir),
                 "compile": lambda: check_compile(folder, tokenizer, args, sizes, device, dtype),
+                "static_step": lambda: check_static_step(folder, tokenizer, args, sizes, device, dtype),
             }
             start = time.perf_counter()
             try:

@@ -151,7 +151,7 @@ def test_gpu_step_dry_run(tmp_path):
     record = json.loads(output.read_text())
     assert record["dry_run"] and list(record["models"]) == ["tiny-llama"]
     model = record["models"]["tiny-llama"]
-    assert set(model) == {"bf16", "attention", "compile", "vs_grpo"}
+    assert set(model) == {"bf16", "attention", "compile", "vs_grpo", "static_step"}
     # all weights in bf16: the sampler's log-probs and the loss's agree to well inside the clip range (0.2)
     assert model["bf16"]["steps_compared"] == 3 * 2 * 3  # rows x blocks x denoising steps
     assert model["bf16"]["log_prob_gap_max"] < 0.1 and model["bf16"]["log_prob_scale"] > 1
@@ -161,6 +161,13 @@ def test_gpu_step_dry_run(tmp_path):
     assert model["attention"]["max_log_prob_difference"] < 1e-3
     # the compiled decoder (backend "eager" on CPU: the graph capture without code generation) samples the same latents
     assert model["compile"]["backend"] == "eager" and model["compile"]["max_latent_difference"] < 1e-5
+    # the denoising step against a static cache (eager and compiled) computes the sampler's hidden states; no CUDA
+    # graphs on CPU
+    static_step = model["static_step"]
+    assert static_step["rows"] == 3 and static_step["fed_positions"] > 2 and static_step["hidden_scale"] > 0.1
+    assert static_step["static_max_hidden_difference"] < 1e-5
+    assert static_step["static_compiled_max_hidden_difference"] < 1e-5
+    assert "static_cuda_graphs_step_seconds" not in static_step
     vs_grpo = model["vs_grpo"]
     assert vs_grpo["summary"]["grpo"]["mean_answer_tokens"]["mean"] <= 8
     assert vs_grpo["summary"]["ladirl"]["latent_blocks/mean"]["mean"] == 2
