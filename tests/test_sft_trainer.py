@@ -4,6 +4,7 @@ The pipeline fixture runs what a user runs: a (tiny, briefly pre-trained) causal
 VAE stage -> reasoner stage -> `save_model`, and records the numbers the tests check.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -336,6 +337,29 @@ def test_config_parses_from_the_command_line_and_documents_every_field():
 def test_config_rejects_bad_values(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         LaDiRSFTConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+def test_reasoner_stage_warns_when_its_stop_head_has_not_learned(tmp_path, caplog):
+    """A reasoner stage that ends with its stop loss high says so (on the main job such a start reached 4.7% pass@1),
+    with the loss it ended at; a low last stop loss gives no warning."""
+    tokenizer = make_tokenizer()
+    model = tiny_ladir_model(tokenizer, seed=0, **TINY_LADIR_SIZES)
+    trainer = LaDiRSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, "reasoner", max_steps=2, learning_rate=1e-6, logging_steps=1),
+        train_dataset=datasets.Dataset.from_dict(chain_rows()),
+        processing_class=tokenizer,
+    )
+    with caplog.at_level(logging.WARNING, logger="trl_ladi.trainers.sft_trainer"):
+        trainer.train()
+    stop_losses = [entry["stop_loss"] for entry in trainer.state.log_history if "stop_loss" in entry]
+    assert stop_losses[-1] > 0.3, stop_losses  # an untrained two-way head: about ln 2
+    warned = [record.getMessage() for record in caplog.records if "stop head has not learned" in record.getMessage()]
+    assert len(warned) == 1 and f"stop loss of {stop_losses[-1]:.3f}" in warned[0], warned
+    assert "stop_weight" in warned[0]
+
+    trainer.state.log_history.append({"stop_loss": 0.01})
+    assert trainer._stop_head_warning() is None
 
 
 def test_trainer_needs_a_ladir_model(tmp_path):
