@@ -146,10 +146,11 @@ class ScriptArguments:
                   "after 90 steps, docs/sft.md)."},
     )
     stop_weight: float = field(
-        default=8.0,
+        default=4.0,
         metadata={"help": "Weight of the stop head's cross-entropy in the LaDiR stages (LaDiR: 2). The stop head "
-                  "decides when to answer. At 2, one of four init seeds ended the reasoner stage at stop loss 0.34 "
-                  "and 4.7% pass@1 (the others 46-53%); at 8 the four gave 38-50% (docs/quickstart.md, 'The LaDiR "
+                  "decides when to answer. Over six init seeds, pass@1 before RL: at 2, one seed ended the reasoner "
+                  "stage at stop loss 0.34 and 4.7% (the others 46-57%); at 8 none collapsed, but four of the five "
+                  "others lost 8-14 points; at 4 none of seeds 1-5 collapsed (44-57%) (docs/quickstart.md, 'The LaDiR "
                   "start across seeds')."},
     )
     answer_template: str = field(

@@ -42,7 +42,7 @@ STAGE_METRICS = {
 NUM_SUMMARY_EXAMPLES = 2
 # A reasoner stage whose stop loss ends above this has not learned when to stop writing blocks. Measured on the main
 # job's LaDiR start (SmolLM2-135M, chain_sum, 80 reasoner steps): the starts that ended at 0.10 and 0.34 reached 5.5%
-# and 4.7% pass@1; the 7 others (4 init seeds x stop weights 2 and 8) ended at 0.033 or below and reached 38-53%.
+# and 4.7% pass@1; 16 others (init seeds x stop weights 2, 4 and 8) ended at 0.033 or below and reached 37-57%.
 STOP_LOSS_WARNING_THRESHOLD = 0.05
 
 logger = logging.getLogger(__name__)
@@ -347,8 +347,9 @@ class LaDiRSFTTrainer(Trainer):
             f"The {self.args.stage} stage ended with a stop loss of {stop_losses[-1]:.3f} (last logged; above "
             f"{STOP_LOSS_WARNING_THRESHOLD}): the stop head has not learned when to stop writing latent blocks and "
             "answer, so the model will often answer after the wrong block. (On the main job, starts that ended at "
-            "0.10 and 0.34 reached 5.5% and 4.7% pass@1, those at 0.033 or below 38-53%.) Train the stage for more "
-            "steps, raise `stop_weight` (examples/math.py uses 8), or start again from another seed."
+            "0.10 and 0.34 reached 5.5% and 4.7% pass@1, those at 0.033 or below 37-57%; 120 steps instead of 80 "
+            "left one such start at 0.12.) Raise `stop_weight` (examples/math.py uses 4), train the stage longer, or "
+            "start again from another seed."
         )
 
     @torch.no_grad()
