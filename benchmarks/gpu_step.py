@@ -226,18 +226,12 @@ def check_static_step(folder, tokenizer, args, sizes, device, dtype) -> dict:
         for _ in range(sizes["static_blocks_done"]):
             finished = torch.randn(block_shape, device=device, generator=generator)
             model.append_block(context, finished, is_real=torch.ones(rows, dtype=torch.bool, device=device))
-        # the step's inputs, built as LaDiRModel.denoising_velocity builds them
+        # the step's inputs, as LaDiRModel.denoising_velocity builds them
         noisy = torch.randn(block_shape, device=device, generator=generator)
         t = torch.full((rows,), 0.5, device=device)
-        inputs_embeds = model._block_embeddings(noisy, model.timestep_embedding(t), with_eot=False)
-    width = layout.noisy_width
-    cached = context.key_is_real.shape[1]
-    block = torch.ones(width, width, dtype=torch.bool, device=device)
-    if model.causal_noisy_blocks:
-        block = block.tril()
-    allowed = torch.cat([context.key_is_real[:, None, :].expand(-1, width, -1), block.expand(rows, -1, -1)], 2)
+        _, inputs_embeds, allowed, positions = model.noisy_block_inputs(context, noisy, t)
+    width, cached = layout.noisy_width, context.key_is_real.shape[1]
     mask = model._additive_mask(allowed)
-    positions = layout.position_ids(context.prompt_lengths, context.num_blocks, width)
     decoder = model.language_model.get_decoder()
 
     def dynamic_step():

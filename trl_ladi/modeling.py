@@ -1484,8 +1484,22 @@ class LaDiRModel(PreTrainedModel):
                 "A 'token_posterior' denoiser reads each slot's prior from the finished slots before it: use "
                 "next_slot_prior and posterior_velocity (LaDiRPipeline does)."
             )
+        time_embedding, inputs_embeds, allowed, positions = self.noisy_block_inputs(context, latents, t, see_prompt)
+        with self._denoiser_adapter_at(None):  # every position fed is the noisy block's
+            hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
+        context.cache.crop(-self.block_layout.noisy_width)
+        if self.config.velocity_parameterization == "token_readout" and context.latent_codebook is None:
+            context.latent_codebook = self.latent_codebook()  # a constant of the pass: not once per denoising step
+        return self._velocity(hidden, latents, t, time_embedding, codebook=context.latent_codebook)["velocity"]
+
+    def noisy_block_inputs(
+        self, context: ReasonerContext, latents: torch.Tensor, t: torch.Tensor, see_prompt: bool = True
+    ):
+        """What a denoising step feeds the LM against the context's cache: the time embeddings ``(R, H)`` (also read by
+        the adaLN head), the ``L + 2`` input embeddings ``<bot>, t-embed, z_t``, which cached keys and noisy positions
+        each may see ``(R, L + 2, cached + L + 2)``, and their position ids (the next block's)."""
         layout = self.block_layout
-        time_embedding = self.timestep_embedding(t)  # the input token and the adaLN head
+        time_embedding = self.timestep_embedding(t)
         inputs_embeds = self._block_embeddings(latents, time_embedding, with_eot=False)
         keys = context.key_is_real if see_prompt else context.key_is_real & ~context.key_is_prompt
         block = torch.ones(layout.noisy_width, layout.noisy_width, dtype=torch.bool, device=keys.device)
@@ -1495,12 +1509,7 @@ class LaDiRModel(PreTrainedModel):
             [keys[:, None, :].expand(-1, layout.noisy_width, -1), block.expand(context.rows, -1, -1)], 2
         )
         positions = layout.position_ids(context.prompt_lengths, context.num_blocks, layout.noisy_width)
-        with self._denoiser_adapter_at(None):  # every position fed is the noisy block's
-            hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
-        context.cache.crop(-layout.noisy_width)
-        if self.config.velocity_parameterization == "token_readout" and context.latent_codebook is None:
-            context.latent_codebook = self.latent_codebook()  # a constant of the pass: not once per denoising step
-        return self._velocity(hidden, latents, t, time_embedding, codebook=context.latent_codebook)["velocity"]
+        return time_embedding, inputs_embeds, allowed, positions
 
     def next_slot_prior(self, context: ReasonerContext, finished_slot: torch.Tensor | None = None) -> torch.Tensor:
         """Token posterior, the sampler's step: the prior logits ``(R, V)`` of the next slot of the block being written.
