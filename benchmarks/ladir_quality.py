@@ -43,7 +43,13 @@ from trl_ladi import LaDiRModel, LaDiRPipeline, LaDiRSFTConfig, LaDiRSFTTrainer
 from trl_ladi.baselines import WallClockBudgetCallback, train_text_sft
 from trl_ladi.data import load_math_dataset, split_reasoning_into_sentences
 from trl_ladi.default_model import default_model_path
-from trl_ladi.evaluation import causal_lm_generate_fn, evaluate_pass_at_k, ladir_generate_fn, plot_pass_at_k
+from trl_ladi.evaluation import (
+    causal_lm_generate_fn,
+    evaluate_pass_at_k,
+    ladir_generate_fn,
+    pass_at_k,
+    plot_pass_at_k,
+)
 from trl_ladi.modeling import tokenize_prompts
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
@@ -81,6 +87,8 @@ def add_ladir_recipe_arguments(parser):
     group.add_argument("--slot_token_weight", type=float, default=LaDiRSFTConfig.slot_token_weight,
                        help="Weight of the reasoner's slot-token cross-entropy against its answer (1) and stop (2) "
                             "losses (token readout, token posterior).")
+    group.add_argument("--stop_weight", type=float, default=LaDiRSFTConfig.stop_weight,
+                       help="Weight of the stop head's cross-entropy (examples/math.py uses 4).")
     group.add_argument("--initial_latent_logvar", type=float, default=None)
     group.add_argument("--latent_noise_std", type=float, default=0.3)
     group.add_argument("--token_substitution_prob", type=float, default=0.3)
@@ -176,6 +184,7 @@ def train_ladir(args, base, tokenizer, train):
             scaling_num_sentences=256,
             flow_timestep_shift=args.flow_timestep_shift,
             slot_token_weight=args.slot_token_weight,
+            stop_weight=args.stop_weight,
             logging_steps=25,
             save_strategy="no",
             report_to="none",
@@ -427,7 +436,25 @@ def sampled_block_breakdown(model, tokenizer, test, num_latents=4, batch_size=8,
 
 
 def without_per_problem(result):
-    return {key: value for key, value in result.items() if key != "per_problem"}
+    """The summary, with each problem's count of correct answers (of `num_samples`) instead of its answers."""
+    summary = {key: value for key, value in result.items() if key != "per_problem"}
+    summary["correct_per_problem"] = [problem["c"] for problem in result["per_problem"]]
+    return summary
+
+
+def paired_difference(result, reference, ks, num_samples):
+    """pass@k of `result` minus `reference`, problem by problem on the same problems: the mean difference and its
+    standard error over problems (in points). A difference within ~2 standard errors is not told from 0."""
+    differences = {}
+    for k in ks:
+        per_problem = [
+            100 * (pass_at_k(num_samples, c, k) - pass_at_k(num_samples, c_reference, k))
+            for c, c_reference in zip(result["correct_per_problem"], reference["correct_per_problem"], strict=True)
+        ]
+        mean = sum(per_problem) / len(per_problem)
+        variance = sum((d - mean) ** 2 for d in per_problem) / (len(per_problem) - 1)
+        differences[f"pass@{k}"] = {"mean": mean, "standard_error": (variance / len(per_problem)) ** 0.5}
+    return differences
 
 
 def main():
@@ -510,6 +537,8 @@ def main():
         report["timings"]["ladir_slots_from_prior_eval_s"] = time.perf_counter() - start
         curves["LaDiR, slots drawn from the prior"] = report["ladir_slots_from_prior"]
 
+    if "correct_per_problem" in report["text_sft"]:  # text-SFT results reused from before this was recorded have none
+        report["ladir_minus_text_sft"] = paired_difference(report["ladir"], report["text_sft"], ks, args.num_samples)
     json_path = os.path.join(args.output_dir, "ladir_quality.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
@@ -517,7 +546,7 @@ def main():
         curves, os.path.join(args.output_dir, "ladir_quality.png"),
         title=f"{args.dataset_name}: pass@k on {len(test)} held-out problems, {args.budget_seconds:.0f} s of training each",
     )
-    print(json.dumps({key: report[key] for key in ("timings", "ladir_steps")}, indent=2))
+    print(json.dumps({key: report[key] for key in ("timings", "ladir_steps", "ladir_minus_text_sft") if key in report}, indent=2))
     print(f"(a) VAE exact match {report['vae']['exact_match']:.3f}, token accuracy {report['vae']['token_accuracy']:.3f}"
           f" on {len(sentences)} held-out sentences")
     if "codebook" in report:

@@ -47,7 +47,13 @@ from trl import TrlParser
 
 from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel, LaDiRSFTConfig, LaDiRSFTTrainer
 from trl_ladi.cpu_threads import use_available_cores
-from trl_ladi.data import MATH_TASKS, load_math_dataset, load_user_dataset, prepare_cot_dataset
+from trl_ladi.data import (
+    MATH_TASKS,
+    load_math_dataset,
+    load_user_dataset,
+    longest_sentence_tokens,
+    prepare_cot_dataset,
+)
 from trl_ladi.default_model import default_model_path
 from trl_ladi.evaluation import (
     evaluate_pass_at_k,
@@ -65,6 +71,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # DeepSpeed (imported by the trainers when installed) logs that it found no GPU and uses the CPU: true, and harmless.
 logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+
+# the fewest latent tokens per block --latent_tokens_per_block picks: room for held-out sentences a little longer than
+# the training data's
+MIN_LATENT_TOKENS_PER_BLOCK = 16
 
 
 @dataclass
@@ -89,10 +100,13 @@ class ScriptArguments:
         metadata={"help": "A saved LaDiR model (with its tokenizer) to start LaDi-RL from; skips the VAE and "
                   "reasoner stages."},
     )
-    latent_tokens_per_block: int = field(
-        default=16,
-        metadata={"help": "Latent tokens per reasoning sentence; with token-aligned latents the longest sentence's "
-                  "token count (16 for chain_sum; longer sentences are cut, with a warning)."},
+    latent_tokens_per_block: int | None = field(
+        default=None,
+        metadata={"help": "Latent tokens per reasoning sentence. None: with token-aligned latents (one slot per "
+                  f"sentence token), the training data's longest sentence in the base model's tokenizer, and at "
+                  f"least {MIN_LATENT_TOKENS_PER_BLOCK} (chain_sum's longest are 12-13 SmolLM2 tokens, so 16); with "
+                  f"LaDiR's query-token latents, {MIN_LATENT_TOKENS_PER_BLOCK}. A longer sentence is cut to it, with "
+                  "a warning."},
     )
     latent_dim: int = field(default=128, metadata={"help": "Size of one latent token (LaDiR: 128)."})
     lora_rank: int = field(default=16, metadata={"help": "Rank of the encoder and reasoner LoRA adapters."})
@@ -104,9 +118,9 @@ class ScriptArguments:
     )
     token_aligned_latents: bool = field(
         default=True,
-        metadata={"help": "One latent token per sentence token (LaDiRConfig.token_aligned_latents); set "
-                  "--latent_tokens_per_block to the longest sentence's token count (16 for chain_sum). False: LaDiR's "
-                  "query-token latents (then --velocity_parameterization direct)."},
+        metadata={"help": "One latent token per sentence token (LaDiRConfig.token_aligned_latents); "
+                  "--latent_tokens_per_block then defaults to the longest training sentence's token count. False: "
+                  "LaDiR's query-token latents (then --velocity_parameterization direct)."},
     )
     velocity_parameterization: str = field(
         default="token_posterior",
@@ -148,10 +162,10 @@ class ScriptArguments:
     stop_weight: float = field(
         default=4.0,
         metadata={"help": "Weight of the stop head's cross-entropy in the LaDiR stages (LaDiR: 2). The stop head "
-                  "decides when to answer. Over six init seeds, pass@1 before RL: at 2, one seed ended the reasoner "
-                  "stage at stop loss 0.34 and 4.7% (the others 46-57%); at 8 none collapsed, but four of the five "
-                  "others lost 8-14 points; at 4 none of seeds 1-5 collapsed (44-57%) (docs/quickstart.md, 'The LaDiR "
-                  "start across seeds')."},
+                  "decides when to answer. Over six init seeds, pass@1 before RL (points): at 2, one seed ended the "
+                  "reasoner stage at stop loss 0.34 and 4.7 (the others 46-57); at 8 none collapsed, but four of the "
+                  "five others lost 8-14 points; at 4 none of seeds 1-5 collapsed (44-57) (docs/quickstart.md, 'The "
+                  "LaDiR start across seeds')."},
     )
     answer_template: str = field(
         default="#### {answer}",
@@ -267,7 +281,7 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
     set_seed(training_args.seed)
     model = LaDiRModel.from_base(
         base,
-        latent_tokens_per_block=script_args.latent_tokens_per_block,
+        latent_tokens_per_block=latent_tokens_per_block(script_args, train_dataset, tokenizer),
         latent_dim=script_args.latent_dim,
         max_blocks=script_args.max_blocks,
         encoder_lora_rank=script_args.lora_rank,
@@ -306,6 +320,19 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         trainer.train()
     trainer.save_model(ladir_dir)  # model (with its latent_scaling_factor) and tokenizer
     return ladir_dir
+
+
+def latent_tokens_per_block(script_args: ScriptArguments, train_dataset, tokenizer) -> int:
+    """--latent_tokens_per_block, or (None) enough slots for the training data's longest sentence."""
+    if script_args.latent_tokens_per_block is not None:
+        return script_args.latent_tokens_per_block
+    if not script_args.token_aligned_latents:
+        return MIN_LATENT_TOKENS_PER_BLOCK
+    longest = longest_sentence_tokens(train_dataset, tokenizer, max_sentences=script_args.max_blocks)
+    slots = max(MIN_LATENT_TOKENS_PER_BLOCK, longest)
+    if PartialState().is_main_process:
+        print(f"latent_tokens_per_block: {slots} (the longest training sentence has {longest} tokens)")
+    return slots
 
 
 @contextlib.contextmanager

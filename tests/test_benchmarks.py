@@ -354,3 +354,23 @@ def test_prompts_with_gradient_counts_each_problems_outcomes(tmp_path):
     assert outcome_shares([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]], 4) == {
         "mixed": 0.5, "all_wrong": 0.25, "all_right": 0.25}
     assert outcome_shares([[1, 0, 0, 0]], 1) == {"mixed": 0.0, "all_wrong": 0.0, "all_right": 1.0}
+
+
+def test_ladir_quality_pairs_the_two_recipes_problem_by_problem():
+    ladir_quality = import_benchmark("ladir_quality")
+    result = ladir_quality.without_per_problem(
+        {"pass@1": 0.5, "per_problem": [{"index": 0, "n": 8, "c": 8}, {"index": 1, "n": 8, "c": 0}]}
+    )
+    assert result == {"pass@1": 0.5, "correct_per_problem": [8, 0]}
+    reference = {"correct_per_problem": [0, 0]}
+    paired = ladir_quality.paired_difference(result, reference, ks=[1, 8], num_samples=8)
+    # per problem +100 and 0 points: mean 50, standard deviation 70.7, standard error 70.7 / sqrt(2) = 50
+    assert paired["pass@1"]["mean"] == pytest.approx(50.0)
+    assert paired["pass@1"]["standard_error"] == pytest.approx(50.0)
+    # 4 of 8 right against 1 of 8: pass@1 50 vs 12.5 (+37.5); pass@8 100 vs 100 (0)
+    paired = ladir_quality.paired_difference({"correct_per_problem": [4, 4]}, {"correct_per_problem": [1, 1]},
+                                             ks=[1, 8], num_samples=8)
+    assert paired["pass@1"] == {"mean": pytest.approx(37.5), "standard_error": pytest.approx(0.0)}
+    assert paired["pass@8"] == {"mean": pytest.approx(0.0), "standard_error": pytest.approx(0.0)}
+    with pytest.raises(ValueError):  # not the same problems
+        ladir_quality.paired_difference(result, {"correct_per_problem": [0]}, ks=[1], num_samples=8)

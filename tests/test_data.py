@@ -8,10 +8,12 @@ from trl_ladi.data import (
     load_humaneval_dataset,
     load_math_dataset,
     load_user_dataset,
+    longest_sentence_tokens,
     prepare_cot_dataset,
     split_gsm8k_solution,
     split_reasoning_into_sentences,
 )
+from trl_ladi.testing import make_tokenizer
 
 
 # ---------------------------------------------------------------- GSM8K solutions
@@ -91,6 +93,16 @@ def test_sentences_max_sentences_merges_the_tail():
     assert split_reasoning_into_sentences(reasoning, max_sentences=1) == ["One. Two. Three. Four"]
     with pytest.raises(ValueError, match="max_sentences"):
         split_reasoning_into_sentences(reasoning, max_sentences=0)
+
+
+def test_longest_sentence_tokens_counts_sentences_as_the_stages_cut_them():
+    tokenizer = make_tokenizer()  # one token per whitespace-separated word
+    rows = datasets.Dataset.from_dict({"reasoning": ["1 + 2 = 3\n3 + 4 = 7", "5 + 6 = 11 + 2 = 13\n1 + 1 = 2"]})
+    assert longest_sentence_tokens(rows, tokenizer) == 9  # "5 + 6 = 11 + 2 = 13"
+    # one block per row joins a row's sentences: "5 + 6 = 11 + 2 = 13 1 + 1 = 2"
+    assert longest_sentence_tokens(rows, tokenizer, max_sentences=1) == 14
+    with pytest.raises(ValueError, match="no 'reasoning' column.*prepare_cot_dataset"):
+        longest_sentence_tokens(datasets.Dataset.from_dict({"solution": ["1 + 1 = 2\n#### 2"]}), tokenizer)
 
 
 # ---------------------------------------------------------------- math datasets

@@ -123,6 +123,30 @@ def test_math_example_pushes_model_tokenizer_and_card(tiny_run, tmp_path, monkey
     assert "| max_steps | 2 |" in readme and 'LaDiRModel.from_pretrained("someone/tiny-ladirl")' in readme
 
 
+def test_math_example_sizes_token_aligned_blocks_to_the_longest_training_sentence(tiny_base, tmp_path, capsys):
+    long_sentence = " + ".join(["1"] * 10) + " = 10"  # 21 tokens of the tiny word-level tokenizer
+    data = tmp_path / "problems.jsonl"
+    data.write_text("\n".join(
+        json.dumps({"prompt": f"{i} + 1", "solution": f"{long_sentence}\n{i} + 1 = {i + 1}\n#### {i + 1}"})
+        for i in range(40)
+    ))
+    flag = TINY_SIZES.index("--latent_tokens_per_block")
+    sizes = TINY_SIZES[:flag] + TINY_SIZES[flag + 2:]  # the example picks the block size
+    run_example("math", ["--model_name_or_path", tiny_base, "--dataset_name", str(data), "--output_dir",
+                         str(tmp_path / "run"), *sizes])
+
+    assert "latent_tokens_per_block: 21 (the longest training sentence has 21 tokens)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "ladir" / "config.json").read_text())["latent_tokens_per_block"] == 21
+
+
+@pytest.mark.parametrize("name", ["math", "code"])
+def test_example_help_lists_every_flag(name):
+    # argparse %-formats each help string: a bare "%" in one made `--help` raise
+    help_text = load_example(name).make_parser().format_help()
+    for flag in ("--latent_tokens_per_block", "--stop_weight", "--num_decodes_per_latent", "--learning_rate"):
+        assert flag in help_text
+
+
 def test_math_example_names_missing_dataset_columns(tiny_base, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"{i} + 1", "answer": str(i + 1)}) for i in range(40)))

@@ -109,6 +109,22 @@ def split_reasoning_into_sentences(reasoning: str, max_sentences: int | None = N
     return sentences
 
 
+def longest_sentence_tokens(dataset: datasets.Dataset, tokenizer, max_sentences: int | None = None) -> int:
+    """Token count of the longest reasoning sentence in `dataset`, cut as the LaDiR stages cut it
+    (`split_reasoning_into_sentences` with `max_sentences`, the model's `max_blocks`). With token-aligned latents a
+    block holds one sentence token per latent token, so this is the `latent_tokens_per_block` that fits every sentence
+    of the data whole. `dataset` has a `reasoning` column (`prepare_cot_dataset` adds one from a `solution`)."""
+    if "reasoning" not in dataset.column_names:
+        raise ValueError(
+            f"The dataset has no 'reasoning' column (columns: {dataset.column_names}); pass it through "
+            "trl_ladi.data.prepare_cot_dataset first."
+        )
+    sentences = [s for reasoning in dataset["reasoning"] for s in split_reasoning_into_sentences(reasoning, max_sentences)]
+    if not sentences:
+        raise ValueError("The dataset has no reasoning sentences to measure.")
+    return max(len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"])
+
+
 def _partial_sum_steps(expression: str) -> tuple[list[str], int]:
     """Worked solution of a `+`/`-` chain such as `98 - 93 + 77`: one partial sum per line, left to right.
 
