@@ -969,12 +969,21 @@ def test_a_failing_reward_function_is_named_with_what_it_did(tmp_path, reward_fu
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_ladirl_tiny.py")
 
 
+# A process of the 2-process gloo group sometimes aborts with this after its 3 steps are done (a C++ thread destroyed
+# while joinable; 2 of 5 full-suite runs on 2026-12-04, once at DDP and once at ZeRO-3, and 0 of 25 DDP launches run
+# alone). It is not a wrong loss, so such a launch is run once more; any other failure, or this one twice, fails.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def launch(config, output_dir):
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [*accelerate_launch_command(config), SCRIPT, str(output_dir)],
-        capture_output=True, text=True, env=environment, timeout=600,
-    )
+    for _ in range(2):
+        result = subprocess.run(
+            [*accelerate_launch_command(config), SCRIPT, str(output_dir)],
+            capture_output=True, text=True, env=environment, timeout=600,
+        )
+        if result.returncode == 0 or TEARDOWN_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     with open(output_dir / "losses.json") as f:
         return json.load(f)
