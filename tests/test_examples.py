@@ -140,7 +140,7 @@ def test_math_example_sizes_token_aligned_blocks_to_the_longest_training_sentenc
 
 
 @pytest.mark.parametrize("name", ["math", "code"])
-def test_example_help_lists_every_flag(name):
+def test_example_help_formats_and_lists_its_flags(name):
     # argparse %-formats each help string: a bare "%" in one made `--help` raise
     help_text = load_example(name).make_parser().format_help()
     for flag in ("--latent_tokens_per_block", "--stop_weight", "--num_decodes_per_latent", "--learning_rate"):
