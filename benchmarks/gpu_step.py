@@ -10,6 +10,8 @@
    (compiling) call, and the largest difference in the latents it writes;
 4. `static_step`: one denoising step's decoder forward as the sampler runs it (a growing and cropped dynamic cache)
    against a static cache, eager, compiled, and compiled with CUDA graphs (`check_static_step`);
+4b. `static_sampler` (when named in `--sections`): the whole token-posterior sampler with its default cache, with
+   `static_cache=True`, and with that and the decoder compiled with CUDA graphs (`check_static_sampler`);
 5. `vs_grpo`: one real-size LaDi-RL step next to one TRL `GRPOTrainer` step, bf16 mixed precision, each method at its
    natural length (GRPO: chain-of-thought completions of up to 128 tokens; LaDi-RL: 3 latent blocks x 6 denoising
    steps, then answers of up to 16 tokens), the same prompts and answers per prompt (`benchmarks/bench_vs_grpo.py`,
@@ -62,10 +64,10 @@ MODEL_SHAPES = {
 SIZES = {
     "gpu": dict(rows=8, blocks=3, denoise_steps=6, num_generations=32, num_latents=8, num_decodes_per_latent=4,
                 max_completion_length=16, grpo_max_completion_length=128, warmup=1, steps=2,
-                static_rows=64, static_blocks_done=2, static_repeats=30),
+                static_rows=64, static_blocks_done=2, static_repeats=30, static_prompts=8, static_slots=16),
     "dry_run": dict(rows=3, blocks=2, denoise_steps=3, num_generations=4, num_latents=2, num_decodes_per_latent=2,
                     max_completion_length=4, grpo_max_completion_length=8, warmup=0, steps=1,
-                    static_rows=3, static_blocks_done=1, static_repeats=2),
+                    static_rows=3, static_blocks_done=1, static_repeats=2, static_prompts=3, static_slots=3),
 }
 PROMPTS = ["What is 12 + 7 - 5?", "Compute 48 - 19 + 6.", "What is 3 + 4 + 5 - 2?"]
 
@@ -104,13 +106,14 @@ def build_model_dirs(args, workdir: Path) -> dict:
     return folders
 
 
-def ladir_model(folder: Path, args, sizes, device, dtype, attention="sdpa"):
+def ladir_model(folder: Path, args, sizes, device, dtype, attention="sdpa", **config):
     from trl_ladi import LaDiRModel
 
     torch.manual_seed(args.seed)
+    config = {**(dict(latent_dim=16) if args.dry_run else {}), **config}
     model = LaDiRModel.from_base(
         str(folder), max_blocks=sizes["blocks"], num_denoise_steps=sizes["denoise_steps"], attn_implementation=attention,
-        **(dict(latent_dim=16) if args.dry_run else {}),
+        **config,
     )
     set_cost_probe_heads(model)
     return model.to(device=device, dtype=dtype).eval()
@@ -289,6 +292,64 @@ def check_static_step(folder, tokenizer, args, sizes, device, dtype) -> dict:
     return result
 
 
+def check_static_sampler(folder, tokenizer, args, sizes, device, dtype) -> dict:
+    """The whole sampler, latent blocks then answers, for the main job's token posterior (16 slots a block, one LM
+    position per slot), three ways: `LaDiRPipeline.sample` as it runs by default (a cache that grows, and leaves out the
+    rows that stopped); with `static_cache=True` (one cache size for the pass, every row kept); and that with the base
+    decoder compiled (`fullgraph=True`; on a GPU `mode="reduce-overhead"`: CUDA graphs). `static_rows` latents of
+    `static_prompts` prompts, `num_decodes_per_latent` answers each. Reports a warm call's time each way, the first
+    (compiling) call, the graphs compiled, whether a later call compiled again (it should not: every call has the same
+    shapes), and the largest latent difference from the default way."""
+    from torch._dynamo.utils import counters
+    from trl_ladi import LaDiRPipeline
+    from trl_ladi.modeling import tokenize_prompts
+
+    model = ladir_model(
+        folder, args, sizes, device, dtype, token_aligned_latents=True, velocity_parameterization="token_posterior",
+        initial_noise_scale=1.0, latent_tokens_per_block=sizes["static_slots"],
+    )
+    prompts = [PROMPTS[index % len(PROMPTS)] for index in range(sizes["static_prompts"])]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, device=device)
+
+    def sample_once(static_cache):
+        synchronize(device)
+        start = time.perf_counter()
+        samples = LaDiRPipeline(model).sample(
+            prompt_ids, prompt_mask, num_latents=sizes["static_rows"] // len(prompts), sde_noise_level=0.7,
+            num_decodes_per_latent=sizes["num_decodes_per_latent"], max_new_tokens=sizes["max_completion_length"],
+            temperature=1.0, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+            static_cache=static_cache, generator=torch.Generator(device=device).manual_seed(args.seed),
+        )
+        synchronize(device)
+        return samples, time.perf_counter() - start
+
+    result = {"rows": sizes["static_rows"], "slots": sizes["static_slots"], "blocks": sizes["blocks"],
+              "denoise_steps": sizes["denoise_steps"], "decodes_per_latent": sizes["num_decodes_per_latent"]}
+    reference = None
+    for name, static_cache in (("dynamic", False), ("static", True)):
+        sample_once(static_cache)  # warm-up
+        samples, result[f"{name}_sample_seconds"] = sample_once(static_cache)
+        if reference is None:
+            reference = samples.trace.latents
+        else:
+            result[f"{name}_max_latent_difference"] = (samples.trace.latents - reference).abs().max().item()
+    decoder = model.language_model.get_decoder()
+    options = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend=args.compile_backend)
+    result["compiled_with"] = options
+    torch._dynamo.reset()
+    counters.clear()
+    decoder.forward = torch.compile(decoder.forward, fullgraph=True, **options)
+    _, result["static_compiled_first_call_seconds"] = sample_once(True)
+    result["static_compiled_graphs"] = counters["stats"]["unique_graphs"]
+    sample_once(True)  # CUDA graphs are recorded on a later call than the first
+    samples, result["static_compiled_sample_seconds"] = sample_once(True)
+    result["static_compiled_graphs_compiled_again"] = counters["stats"]["unique_graphs"] - result["static_compiled_graphs"]
+    result["static_compiled_max_latent_difference"] = (samples.trace.latents - reference).abs().max().item()
+    for name in ("static", "static_compiled"):
+        result[f"dynamic_over_{name}_time"] = result["dynamic_sample_seconds"] / result[f"{name}_sample_seconds"]
+    return result
+
+
 def run_vs_grpo(folder, name, args, sizes, workdir) -> dict:
     """benchmarks/bench_vs_grpo.py in its own process; returns its summary and ratios."""
     output = workdir / f"vs_grpo_{name}.json"
@@ -321,9 +382,10 @@ def main():
     parser.add_argument("--compile_backend", default=None,
                         help="torch.compile backend (default: inductor on a GPU, eager for --dry_run)")
     parser.add_argument("--sections", nargs="+", default=["bf16", "attention", "compile", "vs_grpo"],
-                        choices=["bf16", "attention", "compile", "vs_grpo", "static_step"],
-                        help="sections to run (the dry run adds static_step); static_step compiles twice per model "
-                             "(~60-90 s each on an H200)")
+                        choices=["bf16", "attention", "compile", "vs_grpo", "static_step", "static_sampler"],
+                        help="sections to run (the dry run adds static_step and static_sampler); static_step compiles "
+                             "twice per model (~60-90 s each on an H200); static_sampler compiles one graph per kind of "
+                             "step (6), not yet timed on a GPU")
     parser.add_argument("--latent_policy_parameters", default="velocity_head",
                         help="what LaDi-RL trains in the vs_grpo section (velocity_head, denoiser_adapter, reasoner)")
     parser.add_argument("--seed", type=int, default=0)
@@ -360,9 +422,10 @@ def main():
         folders = build_model_dirs(args, workdir)
         tokenizers = {name: AutoTokenizer.from_pretrained(folder, padding_side="left") for name, folder in folders.items()}
         # every model's quick sections first, the compilations (a minute or more each) last
-        plan = [(name, section) for name in folders for section in ("bf16", "attention", "vs_grpo", "static_step")]
+        plan = [(name, section) for name in folders
+                for section in ("bf16", "attention", "vs_grpo", "static_step", "static_sampler")]
         plan += [(name, "compile") for name in folders if args.dry_run or name in args.compile_models]
-        sections = set(args.sections) | ({"static_step"} if args.dry_run else set())
+        sections = set(args.sections) | ({"static_step", "static_sampler"} if args.dry_run else set())
         for name, section in [(name, section) for name, section in plan if section in sections]:
             folder, tokenizer = folders[name], tokenizers[name]
             checks = {
@@ -371,6 +434,7 @@ def main():
                 "vs_grpo": lambda: run_vs_grpo(folder, name, args, sizes, workdir),
                 "compile": lambda: check_compile(folder, tokenizer, args, sizes, device, dtype),
                 "static_step": lambda: check_static_step(folder, tokenizer, args, sizes, device, dtype),
+                "static_sampler": lambda: check_static_sampler(folder, tokenizer, args, sizes, device, dtype),
             }
             start = time.perf_counter()
             try:

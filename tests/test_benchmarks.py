@@ -151,7 +151,7 @@ def test_gpu_step_dry_run(tmp_path):
     record = json.loads(output.read_text())
     assert record["dry_run"] and list(record["models"]) == ["tiny-llama"]
     model = record["models"]["tiny-llama"]
-    assert set(model) == {"bf16", "attention", "compile", "vs_grpo", "static_step"}
+    assert set(model) == {"bf16", "attention", "compile", "vs_grpo", "static_step", "static_sampler"}
     # all weights in bf16: the sampler's log-probs and the loss's agree to well inside the clip range (0.2)
     assert model["bf16"]["steps_compared"] == 3 * 2 * 3  # rows x blocks x denoising steps
     assert model["bf16"]["log_prob_gap_max"] < 0.1 and model["bf16"]["log_prob_scale"] > 1
@@ -168,6 +168,13 @@ def test_gpu_step_dry_run(tmp_path):
     assert static_step["static_max_hidden_difference"] < 1e-5
     assert static_step["static_compiled_max_hidden_difference"] < 1e-5
     assert "static_cuda_graphs_step_seconds" not in static_step
+    # the whole sampler with a static cache, eager and compiled, samples the default way's latents; a compiled pass
+    # after the first compiles nothing more (one shape per kind of step)
+    static_sampler = model["static_sampler"]
+    assert static_sampler["static_max_latent_difference"] < 1e-5
+    assert static_sampler["static_compiled_max_latent_difference"] < 1e-5
+    assert static_sampler["static_compiled_graphs"] == 5  # prompt, first slot, slot, finished block, answer token
+    assert static_sampler["static_compiled_graphs_compiled_again"] == 0
     vs_grpo = model["vs_grpo"]
     assert vs_grpo["summary"]["grpo"]["mean_answer_tokens"]["mean"] <= 8
     assert vs_grpo["summary"]["ladirl"]["latent_blocks/mean"]["mean"] == 2

@@ -120,6 +120,26 @@ def test_latent_utility_is_the_mean_of_its_answers_and_advantages_are_group_norm
     assert logged["reward"][-1] == pytest.approx(rewards.mean().item(), abs=1e-6)
 
 
+def test_a_static_rollout_cache_gives_the_rollouts_of_the_default_one(tmp_path):
+    """`cache_implementation="static"` reaches the sampler (a StaticCache per rollout) and changes no rollout: the
+    same traces, answers, rewards and advantages from the same random stream."""
+    outputs, caches = {}, {}
+    for cache in (None, "static"):
+        model, tokenizer = make_model(seed=4, max_blocks=3)
+        args = make_args(tmp_path, cache_implementation=cache, per_device_train_batch_size=8)
+        trainer = LaDiRLTrainer(model=model, reward_funcs=digit_fraction_reward, args=args,
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+        prefill = model.prefill
+        model.prefill = lambda *a, **k: caches.setdefault(cache, prefill(*a, **k))  # keep the rollout's context
+        torch.manual_seed(11)
+        outputs[cache] = rollout(trainer, [p for p in PROMPTS[:2] for _ in range(4)])
+    assert caches[None].static_length is None and caches["static"].static_length is not None
+    for name in ("step_latents", "block_mask", "sampler_log_probs", "advantages"):
+        torch.testing.assert_close(outputs["static"][name], outputs[None][name], rtol=0, atol=1e-4)
+    assert outputs[None]["advantages"].abs().max() > 0.1  # the rewards differed: the comparison covers them
+    assert (outputs[None]["block_mask"].sum(1) < 3).any()  # some rows stopped early: the static cache kept them
+
+
 def test_unscorable_answers_are_ignored_in_the_utility(tmp_path):
     model, tokenizer = make_model()
 
@@ -787,6 +807,7 @@ def test_resume_true_with_only_interrupted_checkpoints_says_what_to_do(tmp_path)
         (dict(repetition_penalty=1.1), "repetition_penalty.*temperature"),
         (dict(generation_kwargs={"num_beams": 2}), "generation_kwargs.*temperature"),
         (dict(pad_to_multiple_of=8), "pad_to_multiple_of.*left-padded"),
+        (dict(cache_implementation="dynamic"), "cache_implementation='dynamic'.*None.*'static'"),
         (dict(chat_template_kwargs={"enable_thinking": False}), "chat_template_kwargs.*chat template"),
         (dict(model_init_kwargs={"dtype": "bfloat16"}), "model_init_kwargs.*from_pretrained"),
         (dict(trust_remote_code=True), "trust_remote_code.*never runs code"),

@@ -690,6 +690,84 @@ def test_rows_that_chose_the_answer_are_not_fed_again(tokenizer):
     torch.testing.assert_close(answers[0][1], answers[1][1], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("velocity", ["direct", "token_posterior"])
+@torch.no_grad()
+def test_a_static_cache_samples_what_the_growing_cache_samples_with_one_key_length(tokenizer, velocity):
+    """`sample(static_cache=True)`: the same traces, records and answers as the default growing cache (float64), with
+    half the rows stopping after one block (the static cache keeps them, fed and masked, where the default leaves them
+    out); and every LM forward of the pass attends over the same number of keys, so each kind of step (prompt, slot or
+    denoising step, finished block, answer token) has one shape for the whole pass, which a compiled decoder needs."""
+    model = build(tokenizer, seed=19, **VELOCITY_OPTIONS[velocity]).double()
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    stop_half_the_rows_after_one_block(model, prompt_ids, prompt_mask, seed=20)
+    decoder = model.language_model.get_decoder()
+    outputs, key_lengths, row_counts = {}, {}, {}
+    for static in (False, True):
+        lengths, rows = [], []
+
+        def record(module, args, kwargs, lengths=lengths, rows=rows):
+            lengths.append(kwargs["attention_mask"].shape[-1])
+            rows.append(kwargs["inputs_embeds"].shape[0])
+
+        hook = decoder.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            outputs[static] = sample(
+                model, prompt_ids, prompt_mask, num_latents=8, seed=20, max_new_tokens=5, static_cache=static
+            )
+        finally:
+            hook.remove()
+        key_lengths[static], row_counts[static] = lengths, rows
+    dynamic, static = outputs[False], outputs[True]
+    assert 8 <= int((dynamic.trace.num_blocks == 1).sum()) < 16  # rows did stop at different blocks
+    assert torch.equal(static.trace.num_blocks, dynamic.trace.num_blocks)
+    for name in ("step_latents", "step_means", "step_stds", "step_log_probs", "mean_offsets"):
+        torch.testing.assert_close(getattr(static.trace, name), getattr(dynamic.trace, name), rtol=0, atol=1e-9)
+    assert static.completion_ids == dynamic.completion_ids
+    torch.testing.assert_close(static.token_entropy, dynamic.token_entropy, rtol=0, atol=1e-9)
+    # the default pass left the stopped rows out and its keys grew; the static pass fed every row, over one key length
+    assert min(row_counts[False]) < 16 and len(set(key_lengths[False])) > 3
+    assert set(row_counts[True]) == {16, 32} and len(set(key_lengths[True])) == 1  # 32: the answers, M = 2 per row
+    assert key_lengths[True][0] == model.static_cache_length(prompt_ids.shape[1], MAX_BLOCKS, 5)
+    assert static.trace.num_lm_tokens > dynamic.trace.num_lm_tokens
+
+
+@torch.no_grad()
+def test_passes_of_the_same_sizes_reuse_one_static_cache_and_start_it_empty(tokenizer):
+    """The latents' and the answers' static caches are kept between passes of the same sizes (same buffers: what
+    CUDA graphs recorded point at them), and each pass starts them empty: a pass after one that left NaN in them
+    samples exactly what the first pass sampled."""
+    model = build(tokenizer, seed=5)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    first = sample(model, prompt_ids, prompt_mask, seed=2, static_cache=True)  # 3 latents x 2 decodes per prompt
+    length = model.static_cache_length(prompt_ids.shape[1], MAX_BLOCKS, 4)
+    caches = {purpose: model.reusable_static_cache(rows, length, purpose) for purpose, rows in
+              (("latents", 6), ("answers", 12))}
+    buffers = {purpose: [layer.keys.data_ptr() for layer in cache.layers] for purpose, cache in caches.items()}
+    for cache in caches.values():
+        for layer in cache.layers:
+            layer.keys.fill_(float("nan"))
+            layer.values.fill_(float("nan"))
+    second = sample(model, prompt_ids, prompt_mask, seed=2, static_cache=True)
+    assert second.completion_ids == first.completion_ids
+    assert torch.equal(second.trace.step_latents, first.trace.step_latents)
+    for purpose, cache in caches.items():
+        assert model.reusable_static_cache(6 if purpose == "latents" else 12, length, purpose) is cache
+        assert [layer.keys.data_ptr() for layer in cache.layers] == buffers[purpose]
+    assert model.reusable_static_cache(7, length, "latents") is not caches["latents"]  # other sizes: a new cache
+
+
+def test_a_static_cache_too_short_for_the_pass_says_so(tokenizer):
+    model = build(tokenizer, seed=3)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    with pytest.raises(ValueError, match="shorter than the prompts"):
+        model.prefill(prompt_ids, prompt_mask, static_cache_length=prompt_ids.shape[1] - 1)
+    context = model.prefill(prompt_ids, prompt_mask, static_cache_length=prompt_ids.shape[1] + 2)
+    with pytest.raises(RuntimeError, match="larger static_cache_length"):
+        LaDiRPipeline(model).sample_latents(context, max_blocks=1)
+    with pytest.raises(ValueError, match="keeps every row"):
+        context.select_rows(torch.tensor([0]))
+
+
 # ------------------------------------------------------------------ save / load
 
 

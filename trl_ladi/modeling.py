@@ -49,6 +49,7 @@ from transformers import (
     GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
+    StaticCache,
 )
 
 from trl_ladi import sampling
@@ -336,9 +337,15 @@ class ReasonerContext:
     finished blocks, then answer positions. Every row holds the same number of cached positions: a row that has
     stopped gets each later block as positions that ``key_is_real`` masks out (zeros: the sampler feeds only the
     other rows, through :meth:`select_rows` and :meth:`append_from`).
+
+    With ``static_length`` set (``prefill(..., static_cache_length=...)``) the cache is a transformers ``StaticCache``
+    of that many positions per row: every forward writes in place and attends over all of them (the unwritten ones
+    masked), so a step has the same shapes and memory addresses every time it runs, which a compiled decoder
+    (``torch.compile``, CUDA graphs) needs to replay it. Such a context keeps every row in the batch (no
+    :meth:`select_rows`).
     """
 
-    cache: DynamicCache
+    cache: DynamicCache | StaticCache
     key_is_real: torch.Tensor  # (R, S): may be attended to (not left padding, not a block after the row stopped)
     key_is_prompt: torch.Tensor  # (R, S): a prompt position (hidden from the unconditional velocity of CFG)
     prompt_lengths: torch.Tensor  # (R, 1): real prompt tokens per row
@@ -348,21 +355,39 @@ class ReasonerContext:
     latent_codebook: torch.Tensor | None = None  # the token-readout velocity's codebook, computed once per pass
     num_lm_tokens: int = 0  # positions fed to the LM so far, over all rows (shows the cache at work)
     num_open_slot_positions: int = 0  # token posterior: positions of the block being written, cut off when it ends
+    static_length: int | None = None  # positions per row of a StaticCache; None: a DynamicCache that grows
 
     @property
     def rows(self) -> int:
         return self.key_is_real.shape[0]
 
-    def repeat_interleave(self, repeats: int):
+    def repeat_interleave(self, repeats: int, into: StaticCache | None = None):
         """Repeat every row ``repeats`` times (consecutively), cache included: the ``M`` answers of a latent are
-        decoded from one computation of its prefix."""
-        self.cache.batch_repeat_interleave(repeats)
+        decoded from one computation of its prefix. A static-cache context is copied ``into`` an empty StaticCache
+        of ``rows x repeats`` rows and as many positions."""
+        if self.static_length is None:
+            self.cache.batch_repeat_interleave(repeats)
+        elif repeats > 1:  # StaticCache has no batch_repeat_interleave: the positions written go into `into`
+            if into is None or into.get_max_length() != self.static_length:
+                raise ValueError(
+                    f"A static-cache context is repeated into another StaticCache of {self.static_length} positions "
+                    "per row: pass `into` (LaDiRModel.reusable_static_cache)."
+                )
+            for layer, target in zip(self.cache.layers, into.layers):
+                written = int(layer.cumulative_length)
+                target.update(
+                    layer.keys[..., :written, :].repeat_interleave(repeats, dim=0),
+                    layer.values[..., :written, :].repeat_interleave(repeats, dim=0),
+                )
+            self.cache = into
         for name in ("key_is_real", "key_is_prompt", "prompt_lengths", "num_real_blocks"):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def select_rows(self, rows: torch.Tensor) -> "ReasonerContext":
         """A copy of the context holding only ``rows`` (indices), cache included: the sampler feeds the rows still
         writing blocks, not those whose stop head chose the answer. :meth:`append_from` brings the block back."""
+        if self.static_length is not None:
+            raise ValueError("A static-cache context keeps every row (its shapes must not change): mask rows instead.")
         cache = copy.deepcopy(self.cache)
         cache.batch_select_indices(rows)
         return ReasonerContext(
@@ -455,6 +480,7 @@ class LaDiRModel(PreTrainedModel):
         # The block masks are 4D float masks, which eager and SDPA attention take (flash attention does not).
         attention = config._attn_implementation if config._attn_implementation in ("eager", "sdpa") else "sdpa"
         self.language_model.config._attn_implementation = attention
+        self._static_caches = {}  # purpose -> (sizes, StaticCache): see reusable_static_cache
         hidden_size, latent_dim, num_latent_tokens = (
             config.text_config.hidden_size,
             config.latent_dim,
@@ -1450,12 +1476,25 @@ class LaDiRModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ cached steps (the loop is in pipeline.py)
 
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> ReasonerContext:
-        """Read left-padded prompts ``(R, P)`` into a fresh key/value cache (causal, padding masked)."""
+    def prefill(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, static_cache_length: int | None = None
+    ) -> ReasonerContext:
+        """Read left-padded prompts ``(R, P)`` into a fresh key/value cache (causal, padding masked).
+
+        ``static_cache_length``: a ``StaticCache`` of that many positions per row instead of a growing
+        ``DynamicCache`` (see :class:`ReasonerContext`; :meth:`static_cache_length` says how many a pass needs).
+        """
         rows, prompt_length = prompt_ids.shape
         device = prompt_ids.device
+        if static_cache_length is None:
+            cache = DynamicCache(config=self.config.text_config)
+        elif static_cache_length < prompt_length:
+            raise ValueError(f"static_cache_length={static_cache_length} is shorter than the prompts ({prompt_length}).")
+        else:
+            cache = self.reusable_static_cache(rows, static_cache_length, "latents")
         context = ReasonerContext(
-            cache=DynamicCache(config=self.config.text_config),
+            cache=cache,
+            static_length=static_cache_length,
             key_is_real=prompt_mask.bool(),
             key_is_prompt=torch.ones_like(prompt_mask, dtype=torch.bool),
             prompt_lengths=prompt_mask.sum(-1, keepdim=True),
@@ -1467,6 +1506,43 @@ class LaDiRModel(PreTrainedModel):
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self._cached_forward(context, self._token_embeddings(prompt_ids), allowed, positions)
         return context
+
+    def reusable_static_cache(self, rows: int, length: int, purpose: str) -> StaticCache:
+        """An empty ``StaticCache`` of ``rows`` x ``length`` positions: the same object, in the same memory, as the last
+        pass with these sizes got for ``purpose`` ("latents", "answers"). A compiled decoder's CUDA graphs point at
+        the cache's buffers, so a new cache every pass would have them recorded again. One cache per purpose is kept;
+        it holds ``rows x length x layers`` keys and values until the sizes change."""
+        sizes = (rows, length, self.dtype, self.device)
+        kept = self._static_caches.get(purpose)
+        if kept is not None and kept[0] == sizes:
+            cache = kept[1]
+            for layer in cache.layers:  # positions not written yet are masked, but 0 x NaN is NaN: zeros, in place
+                layer.keys.zero_()
+                layer.values.zero_()
+                layer.cumulative_length.zero_()
+            return cache
+        text_config = self.config.text_config
+        cache = StaticCache(config=text_config, max_cache_len=length)
+        if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+            raise ValueError(
+                "A static cache needs full attention in every layer; this base model has sliding-window layers. Use "
+                "the default growing cache (static_cache=False, cache_implementation=None)."
+            )
+        # allocated now, not at the first write: a first write inside a compiled forward would compile it twice
+        num_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        cache.early_initialization(rows, num_heads, head_dim, dtype, self.device)
+        self._static_caches[purpose] = (sizes, cache)
+        return cache
+
+    def static_cache_length(self, prompt_length: int, max_blocks: int, max_new_tokens: int, multiple_of: int = 64):
+        """Positions per row that a sampling pass can fill: the prompt, ``max_blocks`` finished blocks, then the
+        larger of an open noisy block and the answer (``<soa>`` and ``max_new_tokens`` tokens). Rounded up to a
+        multiple of ``multiple_of`` so that prompts of nearby lengths share one shape (one compiled graph)."""
+        layout = self.block_layout
+        needed = prompt_length + max_blocks * layout.width + max(layout.noisy_width, max_new_tokens + 1)
+        return -(-needed // multiple_of) * multiple_of
 
     def denoising_velocity(
         self, context: ReasonerContext, latents: torch.Tensor, t: torch.Tensor, see_prompt: bool = True
@@ -1592,6 +1668,18 @@ class LaDiRModel(PreTrainedModel):
         """Feed new positions ``(R, N, H)`` against the context's cache; ``allowed`` ``(R, N, cached + N)`` says which
         keys each new position may see. Returns their hidden states and counts the positions fed."""
         context.num_lm_tokens += inputs_embeds.shape[0] * inputs_embeds.shape[1]
+        # one layout per shape: a marker alone (`<soa>`) is an expanded view of a parameter (stride 0, and requires_grad
+        # even under no_grad), which a compiled decoder would compile apart from the answer tokens of the same shape
+        inputs_embeds = inputs_embeds.contiguous()
+        if not torch.is_grad_enabled():
+            inputs_embeds = inputs_embeds.detach()
+        if context.static_length is not None:  # the static cache's positions not written yet are masked
+            if allowed.shape[-1] > context.static_length:
+                raise RuntimeError(
+                    f"The static cache holds {context.static_length} positions per row and this step needs "
+                    f"{allowed.shape[-1]}: pass a larger static_cache_length (LaDiRModel.static_cache_length)."
+                )
+            allowed = torch.nn.functional.pad(allowed, (0, context.static_length - allowed.shape[-1]), value=False)
         return self._decoder_hidden_states(
             inputs_embeds, self._additive_mask(allowed), position_ids, cache=context.cache
         )

@@ -137,6 +137,7 @@ class LaDiRPipeline:
         temperature: float = 1.0,
         eos_token_ids: list[int] | None = None,
         pad_token_id: int = 0,
+        static_cache: bool = False,
         generator: torch.Generator | None = None,
     ) -> AnswerSamples:
         """Sample latent reasoning traces for left-padded prompts ``(B, P)`` and decode answers from them.
@@ -146,10 +147,23 @@ class LaDiRPipeline:
         ``num_latents``) says how many consecutive rows are latents of one prompt, for the diversity guidance; the RL
         trainer passes rows already repeated, with ``num_latents=1``. The latent arguments are those of
         :meth:`sample_latents`, the answer arguments those of :meth:`decode_answers`.
+
+        ``static_cache=True`` runs the pass against a key/value cache of fixed size (`LaDiRModel.static_cache_length`)
+        that keeps the rows that stopped, masked: every denoising step, slot and answer token then feeds the LM the
+        same shapes at the same addresses, so a decoder compiled with ``torch.compile(mode="reduce-overhead")``
+        replays each as one CUDA graph (docs/benchmarks.md). The samples are those of the default growing cache, to
+        floating-point rounding.
         """
         start_time = time.perf_counter()
+        static_cache_length = None
+        if static_cache:
+            static_cache_length = self.model.static_cache_length(
+                prompt_ids.shape[1], self.model.config.max_blocks if max_blocks is None else max_blocks, max_new_tokens
+            )
         context = self.model.prefill(
-            prompt_ids.repeat_interleave(num_latents, dim=0), prompt_mask.repeat_interleave(num_latents, dim=0)
+            prompt_ids.repeat_interleave(num_latents, dim=0),
+            prompt_mask.repeat_interleave(num_latents, dim=0),
+            static_cache_length=static_cache_length,
         )
         trace = self.sample_latents(
             context,
@@ -257,8 +271,10 @@ class LaDiRPipeline:
             block_mask.append(~stopped)
             # Only the rows still writing are fed to the LM. A row whose stop head chose the answer gets a masked block
             # in the cache without a forward, and velocity 0 in the step math (its records are masked everywhere).
+            # A static cache keeps its shapes instead: every row is fed, and the stopped rows' outputs are zeroed.
             writing = (~stopped).nonzero().squeeze(-1)
-            block_context = context if len(writing) == rows else context.select_rows(writing)
+            keep_rows = len(writing) == rows or context.static_length is not None
+            block_context = context if keep_rows else context.select_rows(writing)
             if draw_slots_from_prior:  # no start noise: the slots are drawn, not denoised
                 steps = self._draw_slots_from_prior(block_context, writing, block_shape, dtype, generator)
             else:
@@ -277,7 +293,7 @@ class LaDiRPipeline:
             z = steps["step_latents"][:, -1]
 
             # the finished block becomes context; its <eot> decides: another block, or the answer
-            if block_context is context:
+            if keep_rows:
                 stopped |= model.append_block(context, z, is_real=block_mask[-1]).argmax(-1) == ANSWER
             else:
                 is_real = torch.ones(len(writing), dtype=torch.bool, device=device)
@@ -396,10 +412,10 @@ class LaDiRPipeline:
         """Prior logits ``(R, 1, V)`` of the next slot for every row (``previous_slot`` ``(R, D)``: where the last slot
         ended; None for the first); rows that chose the answer get a uniform prior without a forward (their records
         are masked everywhere)."""
-        finished = None if previous_slot is None else previous_slot[writing]
-        logits = self.model.next_slot_prior(block_context, finished)[:, None]
-        if block_context.rows == rows:
-            return logits
+        if block_context.rows == rows:  # every row fed: all are writing, or a static cache kept the stopped ones
+            return _only_rows(self.model.next_slot_prior(block_context, previous_slot)[:, None], writing)
+        logits = self.model.next_slot_prior(block_context, None if previous_slot is None else previous_slot[writing])
+        logits = logits[:, None]
         priors = logits.new_zeros(rows, 1, logits.shape[-1])
         priors[writing] = logits
         return priors
@@ -408,7 +424,7 @@ class LaDiRPipeline:
         """The velocity of every row of ``z``; ``block_context`` holds the rows ``writing`` (all rows, or a
         `select_rows` copy), and the other rows, which chose the answer, get 0 without a forward."""
         if block_context.rows == z.shape[0]:
-            return self.model.denoising_velocity(block_context, z, t, see_prompt=see_prompt)
+            return _only_rows(self.model.denoising_velocity(block_context, z, t, see_prompt=see_prompt), writing)
         velocity = torch.zeros_like(z)
         velocity[writing] = self.model.denoising_velocity(block_context, z[writing], t[writing], see_prompt=see_prompt)
         return velocity
@@ -431,7 +447,10 @@ class LaDiRPipeline:
         for latent ``r``), cut after the first of ``eos_token_ids``, and each answer's mean token entropy.
         """
         eos_token_ids = list(eos_token_ids or [])
-        context.repeat_interleave(num_decodes)
+        into = None
+        if context.static_length is not None and num_decodes > 1:
+            into = self.model.reusable_static_cache(context.rows * num_decodes, context.static_length, "answers")
+        context.repeat_interleave(num_decodes, into=into)
         rows, device = context.rows, context.key_is_real.device
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         entropy_sum, entropy_count = torch.zeros(rows, device=device), torch.zeros(rows, device=device)
@@ -464,3 +483,13 @@ class LaDiRPipeline:
             cut = next((i + 1 for i, token in enumerate(row) if token in eos_token_ids), len(row))
             completion_ids.append(row[:cut])
         return completion_ids, entropy_sum / entropy_count.clamp(min=1)
+
+
+def _only_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``values`` with every row not in ``rows`` (indices) set to 0: what a row that stopped gets when a static cache
+    fed it anyway (a uniform prior, velocity 0), as if it had not been fed."""
+    if len(rows) == values.shape[0]:
+        return values
+    keep = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
+    keep[rows] = True
+    return torch.where(keep.view(-1, *[1] * (values.dim() - 1)), values, torch.zeros_like(values))

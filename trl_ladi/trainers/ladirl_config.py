@@ -34,6 +34,13 @@ class LaDiRLConfig(GRPOConfig):
         default=None,
         metadata={"help": "Denoising steps per latent block while sampling. Defaults to the model config's value."},
     )
+    cache_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Key/value cache of the rollout sampler. None: a cache that grows with every step and leaves "
+                  "out the rows whose stop head chose the answer. 'static': a fixed-size cache that keeps every row "
+                  "(masked), so each kind of step feeds the LM the same shapes every time, which a decoder compiled "
+                  "with torch.compile(mode='reduce-overhead') needs to replay CUDA graphs. Both sample the same."},
+    )
     sde_noise_level: float = field(
         default=0.7,
         metadata={"help": "Noise level `a` of the SDE sampler, `sigma_t = a sqrt(t / (1 - t))`. Must be > 0: the "
@@ -210,6 +217,11 @@ class LaDiRLConfig(GRPOConfig):
             "the answer decoder samples with `temperature` alone (LaDiRPipeline.decode_answers), from a latent prefix, "
             "not through `generate`"
         )
+        if self.cache_implementation not in (None, "static"):
+            raise ValueError(
+                f"cache_implementation={self.cache_implementation!r}: LaDiRLTrainer's rollout sampler has two caches, "
+                "None (grows with every step) or 'static' (fixed size, for a compiled decoder). Use one of them."
+            )
         unsupported = {  # option -> (is set, why LaDi-RL does not implement it)
             "top_entropy_quantile": (self.top_entropy_quantile != 1.0, entropy_reason),
             "entropy_coef": (self.entropy_coef != 0.0, entropy_reason),
@@ -228,7 +240,6 @@ class LaDiRLConfig(GRPOConfig):
             "min_p": (self.min_p is not None, decoder_reason),
             "repetition_penalty": (self.repetition_penalty != 1.0, decoder_reason),
             "generation_kwargs": (bool(self.generation_kwargs), decoder_reason),
-            "cache_implementation": (self.cache_implementation is not None, decoder_reason),
             "use_transformers_paged": (self.use_transformers_paged, decoder_reason),
             "use_transformers_continuous_batching": (self.use_transformers_continuous_batching, decoder_reason),
             "pad_to_multiple_of": (

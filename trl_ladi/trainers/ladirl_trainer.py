@@ -330,6 +330,7 @@ class LaDiRLTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self.processing_class.pad_token_id,
+                static_cache=args.cache_implementation == "static",
             )
             trace = samples.trace
             # numeric guard: a NaN / inf velocity makes the trace's latents non-finite; its log-probs may be too
