@@ -766,6 +766,11 @@ def test_a_static_cache_too_short_for_the_pass_says_so(tokenizer):
         LaDiRPipeline(model).sample_latents(context, max_blocks=1)
     with pytest.raises(ValueError, match="keeps every row"):
         context.select_rows(torch.tensor([0]))
+    sliding = build(tokenizer, "qwen2", seed=3)
+    sliding.config.text_config.use_sliding_window, sliding.config.text_config.sliding_window = True, 4
+    sliding.config.text_config.layer_types = ["sliding_attention"] * sliding.config.text_config.num_hidden_layers
+    with pytest.raises(ValueError, match="sliding-window layers.*default growing cache"):
+        sliding.prefill(prompt_ids, prompt_mask, static_cache_length=64)
 
 
 # ------------------------------------------------------------------ save / load

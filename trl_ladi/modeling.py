@@ -51,6 +51,7 @@ from transformers import (
     PreTrainedModel,
     StaticCache,
 )
+from transformers.cache_utils import StaticLayer
 
 from trl_ladi import sampling
 from trl_ladi.default_model import base_model_hub_id
@@ -1523,7 +1524,7 @@ class LaDiRModel(PreTrainedModel):
             return cache
         text_config = self.config.text_config
         cache = StaticCache(config=text_config, max_cache_len=length)
-        if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+        if any(type(layer) is not StaticLayer for layer in cache.layers):  # e.g. StaticSlidingWindowLayer
             raise ValueError(
                 "A static cache needs full attention in every layer; this base model has sliding-window layers. Use "
                 "the default growing cache (static_cache=False, cache_implementation=None)."
