@@ -756,6 +756,32 @@ def test_passes_of_the_same_sizes_reuse_one_static_cache_and_start_it_empty(toke
     assert model.reusable_static_cache(7, length, "latents") is not caches["latents"]  # other sizes: a new cache
 
 
+@torch.no_grad()
+def test_compiled_cached_steps_serve_static_passes_with_one_graph_per_kind_of_step(tokenizer):
+    """`compile_cached_steps` (here the capture-only backend, no code generation): a static pass samples what the
+    eager static pass samples, through 5 graphs (prompt, first slot, slot, finished block, answer token); a second
+    pass and a growing-cache pass compile nothing more (the growing cache does not use the compiled decoder)."""
+    from torch._dynamo.utils import counters
+
+    model = build(tokenizer, seed=6, **TOKEN_POSTERIOR)
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    eager = sample(model, prompt_ids, prompt_mask, seed=4, static_cache=True)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model.compile_cached_steps(backend="eager")
+        compiled = sample(model, prompt_ids, prompt_mask, seed=4, static_cache=True)
+        graphs = counters["stats"]["unique_graphs"]
+        again = sample(model, prompt_ids, prompt_mask, seed=5, static_cache=True)
+        growing = sample(model, prompt_ids, prompt_mask, seed=5)
+        assert graphs == 5 and counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled.trace.step_latents, eager.trace.step_latents, rtol=0, atol=1e-5)
+    assert compiled.completion_ids == eager.completion_ids
+    torch.testing.assert_close(again.trace.step_latents, growing.trace.step_latents, rtol=0, atol=1e-5)
+
+
 def test_a_static_cache_too_short_for_the_pass_says_so(tokenizer):
     model = build(tokenizer, seed=3)
     prompt_ids, prompt_mask = prompts(tokenizer)

@@ -482,6 +482,7 @@ class LaDiRModel(PreTrainedModel):
         attention = config._attn_implementation if config._attn_implementation in ("eager", "sdpa") else "sdpa"
         self.language_model.config._attn_implementation = attention
         self._static_caches = {}  # purpose -> (sizes, StaticCache): see reusable_static_cache
+        self._compiled_cached_step = None  # see compile_cached_steps
         hidden_size, latent_dim, num_latent_tokens = (
             config.text_config.hidden_size,
             config.latent_dim,
@@ -805,9 +806,10 @@ class LaDiRModel(PreTrainedModel):
         marker = self.vae_marker_embedding if name == "ae" else self.marker_embeddings[REASONER_MARKERS[name]]
         return marker.to(self.dtype).expand(*leading, self.hidden_size)
 
-    def _decoder_hidden_states(self, inputs_embeds, attention_mask, position_ids, cache=None):
-        """Run the base decoder (without the LM head) and return its last hidden states."""
-        outputs = self.language_model.get_decoder()(
+    def _decoder_hidden_states(self, inputs_embeds, attention_mask, position_ids, cache=None, forward=None):
+        """Run the base decoder (without the LM head; ``forward``: a compiled one) and return its last hidden
+        states."""
+        outputs = (forward or self.language_model.get_decoder())(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1537,6 +1539,16 @@ class LaDiRModel(PreTrainedModel):
         self._static_caches[purpose] = (sizes, cache)
         return cache
 
+    def compile_cached_steps(self, **compile_options):
+        """Run the sampler's steps against a static cache (prompt, noisy block or slot, finished block, answer token)
+        through ``torch.compile(decoder.forward, fullgraph=True, **compile_options)``, e.g. ``mode="reduce-overhead"``
+        for CUDA graphs. Only static-cache contexts use it (each kind of step has one shape there; a growing cache
+        would compile at every step), and the training forward stays as it is. The first pass compiles (minutes for a
+        real model); docs/model.md, "A static cache, for a compiled decoder"."""
+        forward = self.language_model.get_decoder().forward
+        self._compiled_cached_step = torch.compile(forward, fullgraph=True, **compile_options)
+        return self
+
     def static_cache_length(self, prompt_length: int, max_blocks: int, max_new_tokens: int, multiple_of: int = 64):
         """Positions per row that a sampling pass can fill: the prompt, ``max_blocks`` finished blocks, then the
         larger of an open noisy block and the answer (``<soa>`` and ``max_new_tokens`` tokens). Rounded up to a
@@ -1681,8 +1693,9 @@ class LaDiRModel(PreTrainedModel):
                     f"{allowed.shape[-1]}: pass a larger static_cache_length (LaDiRModel.static_cache_length)."
                 )
             allowed = torch.nn.functional.pad(allowed, (0, context.static_length - allowed.shape[-1]), value=False)
+        forward = self._compiled_cached_step if context.static_length is not None else None
         return self._decoder_hidden_states(
-            inputs_embeds, self._additive_mask(allowed), position_ids, cache=context.cache
+            inputs_embeds, self._additive_mask(allowed), position_ids, cache=context.cache, forward=forward
         )
 
 
