@@ -384,7 +384,7 @@ def main():
                         choices=["bf16", "attention", "compile", "vs_grpo", "static_step", "static_sampler"],
                         help="sections to run (the dry run adds static_step and static_sampler); static_step compiles "
                              "twice per model (~60-90 s each on an H200); static_sampler compiles one graph per kind of "
-                             "step (6), not yet timed on a GPU")
+                             "step (5 for the token posterior), not yet timed on a GPU")
     parser.add_argument("--latent_policy_parameters", default="velocity_head",
                         help="what LaDi-RL trains in the vs_grpo section (velocity_head, denoiser_adapter, reasoner)")
     parser.add_argument("--seed", type=int, default=0)

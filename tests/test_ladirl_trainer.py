@@ -121,7 +121,7 @@ def test_latent_utility_is_the_mean_of_its_answers_and_advantages_are_group_norm
 
 
 def test_a_static_rollout_cache_gives_the_rollouts_of_the_default_one(tmp_path):
-    """`cache_implementation="static"` reaches the sampler (a StaticCache per rollout) and changes no rollout: the
+    """`cache_implementation="static"` reaches the sampler (a static cache in every rollout) and changes no rollout: the
     same traces, answers, rewards and advantages from the same random stream."""
     outputs, caches = {}, {}
     for cache in (None, "static"):

@@ -374,8 +374,8 @@ class ReasonerContext:
                     f"A static-cache context is repeated into another StaticCache of {self.static_length} positions "
                     "per row: pass `into` (LaDiRModel.reusable_static_cache)."
                 )
+            written = self.key_is_real.shape[1]  # positions written so far, the same in every layer
             for layer, target in zip(self.cache.layers, into.layers):
-                written = int(layer.cumulative_length)
                 target.update(
                     layer.keys[..., :written, :].repeat_interleave(repeats, dim=0),
                     layer.values[..., :written, :].repeat_interleave(repeats, dim=0),
