@@ -335,14 +335,19 @@ def test_rl_on_seen_problems_trains_and_evaluates_on_the_same_unseen_problems(re
     assert str(tmp_path) not in (output / "rl_on_seen_problems.json").read_text()  # no machine paths
 
 
-def test_prompts_with_gradient_counts_each_problems_outcomes(tmp_path):
+def save_tiny_token_posterior_model(folder):
+    """A tiny token-posterior LaDiR model and its tokenizer, saved to `folder` (for the scripts that load one)."""
     from trl_ladi.testing import make_tokenizer, tiny_ladir_model
 
     tokenizer = make_tokenizer()
-    model_dir = tmp_path / "ladir"
     tiny_ladir_model(tokenizer, latent_tokens_per_block=4, token_aligned_latents=True,
-                     velocity_parameterization="token_posterior").save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+                     velocity_parameterization="token_posterior").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_prompts_with_gradient_counts_each_problems_outcomes(tmp_path):
+    model_dir = save_tiny_token_posterior_model(tmp_path / "ladir")
     result = run_benchmark("prompts_with_gradient.py", "--ladir_model_path", str(model_dir), "--num_problems", "3",
                            "--num_latents", "8", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "out"),
                            cwd=tmp_path)
@@ -381,3 +386,35 @@ def test_ladir_quality_pairs_the_two_recipes_problem_by_problem():
     assert paired["pass@8"] == {"mean": pytest.approx(0.0), "standard_error": pytest.approx(0.0)}
     with pytest.raises(ValueError):  # not the same problems
         ladir_quality.paired_difference(result, {"correct_per_problem": [0]}, ks=[1], num_samples=8)
+
+
+def test_diversity_guidance_pairs_each_scale_with_the_first_and_with_text_sft(tmp_path):
+    model_dir = save_tiny_token_posterior_model(tmp_path / "ladir")
+    common = ["--model_path", str(model_dir), "--num_problems", "3", "--num_samples", "4", "--scales", "0", "8"]
+    result = run_benchmark("diversity_guidance.py", *common, "--num_train_examples", "16", "--output",
+                           str(tmp_path / "tuning.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, guided = json.loads((tmp_path / "tuning.json").read_text())["results"]
+    assert [first["diversity_guidance_scale"], guided["diversity_guidance_scale"]] == [0.0, 8.0]
+    assert "minus_first_scale" not in first
+    for k in (1, 4):  # the paired difference is the difference of the two pass@k, in points
+        expected = 100 * (guided["pass_at_k"][str(k)] - first["pass_at_k"][str(k)])
+        assert guided["minus_first_scale"][f"pass@{k}"]["mean"] == pytest.approx(expected)
+    # 4 latents of a problem are one guidance group: the push spreads them apart
+    assert guided["latent_diversity"] > first["latent_diversity"]
+
+    # on the test split, against a ladir_quality report's text SFT on the same 3 problems (1, 0 and 4 of 4 right)
+    report = tmp_path / "ladir_quality.json"
+    report.write_text(json.dumps({"text_sft": {"correct_per_problem": [1, 0, 4]}}))
+    result = run_benchmark("diversity_guidance.py", *common, "--split", "test", "--reference", str(report),
+                           "--output", str(tmp_path / "test.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in json.loads((tmp_path / "test.json").read_text())["results"]:
+        text_sft_pass_at_1 = (1 / 4 + 0 + 1) / 3
+        expected = 100 * (row["pass_at_k"]["1"] - text_sft_pass_at_1)
+        assert row["minus_text_sft"]["pass@1"]["mean"] == pytest.approx(expected)
+    # a reference on other problems is refused
+    report.write_text(json.dumps({"text_sft": {"correct_per_problem": [1, 0]}}))
+    result = run_benchmark("diversity_guidance.py", *common, "--split", "test", "--reference", str(report),
+                           cwd=tmp_path)
+    assert result.returncode != 0 and "--num_problems" in result.stderr

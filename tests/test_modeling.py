@@ -5,7 +5,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trl_ladi import LaDiRPipeline, sampling
-from trl_ladi.modeling import ENCODER_ADAPTER, REASONER_ADAPTER, LaDiRConfig, LaDiRModel, tokenize_prompts
+from trl_ladi.modeling import (
+    ENCODER_ADAPTER,
+    REASONER_ADAPTER,
+    STATIC_SHAPE_MULTIPLE,
+    LaDiRConfig,
+    LaDiRModel,
+    tokenize_prompts,
+)
 from trl_ladi.testing import (
     FAMILIES,
     make_tokenizer,
@@ -727,7 +734,9 @@ def test_a_static_cache_samples_what_the_growing_cache_samples_with_one_key_leng
     # the default pass left the stopped rows out and its keys grew; the static pass fed every row, over one key length
     assert min(row_counts[False]) < 16 and len(set(key_lengths[False])) > 3
     assert set(row_counts[True]) == {16, 32} and len(set(key_lengths[True])) == 1  # 32: the answers, M = 2 per row
-    assert key_lengths[True][0] == model.static_cache_length(prompt_ids.shape[1], MAX_BLOCKS, 5)
+    # the pass padded the prompts on the left to a multiple of 64 positions
+    assert prompt_ids.shape[1] < STATIC_SHAPE_MULTIPLE and key_lengths[True][0] == model.static_cache_length(
+        STATIC_SHAPE_MULTIPLE, MAX_BLOCKS, 5)
     assert static.trace.num_lm_tokens > dynamic.trace.num_lm_tokens
 
 
@@ -739,7 +748,7 @@ def test_passes_of_the_same_sizes_reuse_one_static_cache_and_start_it_empty(toke
     model = build(tokenizer, seed=5)
     prompt_ids, prompt_mask = prompts(tokenizer)
     first = sample(model, prompt_ids, prompt_mask, seed=2, static_cache=True)  # 3 latents x 2 decodes per prompt
-    length = model.static_cache_length(prompt_ids.shape[1], MAX_BLOCKS, 4)
+    length = model.static_cache_length(STATIC_SHAPE_MULTIPLE, MAX_BLOCKS, 4)  # prompts padded to 64 positions
     caches = {purpose: model.reusable_static_cache(rows, length, purpose) for purpose, rows in
               (("latents", 6), ("answers", 12))}
     buffers = {purpose: [layer.keys.data_ptr() for layer in cache.layers] for purpose, cache in caches.items()}
@@ -760,7 +769,8 @@ def test_passes_of_the_same_sizes_reuse_one_static_cache_and_start_it_empty(toke
 def test_compiled_cached_steps_serve_static_passes_with_one_graph_per_kind_of_step(tokenizer):
     """`compile_cached_steps` (here the capture-only backend, no code generation): a static pass samples what the
     eager static pass samples, through 5 graphs (prompt, first slot, slot, finished block, answer token); a second
-    pass and a growing-cache pass compile nothing more (the growing cache does not use the compiled decoder)."""
+    pass, a pass whose prompts are padded wider (the pass pads them to a multiple of 64 either way) and a
+    growing-cache pass compile nothing more (the growing cache does not use the compiled decoder)."""
     from torch._dynamo.utils import counters
 
     model = build(tokenizer, seed=6, **TOKEN_POSTERIOR)
@@ -773,6 +783,8 @@ def test_compiled_cached_steps_serve_static_passes_with_one_graph_per_kind_of_st
         compiled = sample(model, prompt_ids, prompt_mask, seed=4, static_cache=True)
         graphs = counters["stats"]["unique_graphs"]
         again = sample(model, prompt_ids, prompt_mask, seed=5, static_cache=True)
+        wider_ids = torch.nn.functional.pad(prompt_ids, (5, 0), value=tokenizer.pad_token_id)
+        wider = sample(model, wider_ids, torch.nn.functional.pad(prompt_mask, (5, 0)), seed=5, static_cache=True)
         growing = sample(model, prompt_ids, prompt_mask, seed=5)
         assert graphs == 5 and counters["stats"]["unique_graphs"] == graphs
     finally:
@@ -780,6 +792,8 @@ def test_compiled_cached_steps_serve_static_passes_with_one_graph_per_kind_of_st
     torch.testing.assert_close(compiled.trace.step_latents, eager.trace.step_latents, rtol=0, atol=1e-5)
     assert compiled.completion_ids == eager.completion_ids
     torch.testing.assert_close(again.trace.step_latents, growing.trace.step_latents, rtol=0, atol=1e-5)
+    assert torch.equal(wider.trace.step_latents, again.trace.step_latents)
+    assert wider.completion_ids == again.completion_ids
 
 
 def test_a_static_cache_too_short_for_the_pass_says_so(tokenizer):

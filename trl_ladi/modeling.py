@@ -62,6 +62,7 @@ ENCODER_ADAPTER, REASONER_ADAPTER, DENOISER_ADAPTER, VAE_DECODER_ADAPTER = "enco
 CONTINUE, ANSWER = 0, 1  # stop-head classes
 REASONER_MARKERS = {"bot": 0, "eot": 1, "soa": 2}  # rows of `marker_embeddings`
 VELOCITY_PARAMETERIZATIONS = ("direct", "token_readout", "token_posterior")
+STATIC_SHAPE_MULTIPLE = 64  # a static-cache pass rounds its prompt width and cache length up to a multiple of this
 
 
 class LaDiRConfig(PretrainedConfig):
@@ -1549,7 +1550,9 @@ class LaDiRModel(PreTrainedModel):
         self._compiled_cached_step = torch.compile(forward, fullgraph=True, **compile_options)
         return self
 
-    def static_cache_length(self, prompt_length: int, max_blocks: int, max_new_tokens: int, multiple_of: int = 64):
+    def static_cache_length(
+        self, prompt_length: int, max_blocks: int, max_new_tokens: int, multiple_of: int = STATIC_SHAPE_MULTIPLE
+    ):
         """Positions per row that a sampling pass can fill: the prompt, ``max_blocks`` finished blocks, then the
         larger of an open noisy block and the answer (``<soa>`` and ``max_new_tokens`` tokens). Rounded up to a
         multiple of ``multiple_of`` so that prompts of nearby lengths share one shape (one compiled graph)."""

@@ -41,7 +41,14 @@ from dataclasses import dataclass
 import torch
 
 from trl_ladi import sampling
-from trl_ladi.modeling import ANSWER, LaDiRModel, ReasonerContext, check_tokenizer, tokenize_prompts
+from trl_ladi.modeling import (
+    ANSWER,
+    STATIC_SHAPE_MULTIPLE,
+    LaDiRModel,
+    ReasonerContext,
+    check_tokenizer,
+    tokenize_prompts,
+)
 
 
 @dataclass
@@ -157,6 +164,9 @@ class LaDiRPipeline:
         start_time = time.perf_counter()
         static_cache_length = None
         if static_cache:
+            # more left padding (masked; positions count the real tokens, so the samples are the same): prompts of
+            # nearby lengths then give the prefill one shape and the pass one cache size, so one set of graphs
+            prompt_ids, prompt_mask = _left_pad_to_multiple(prompt_ids, prompt_mask, STATIC_SHAPE_MULTIPLE, pad_token_id)
             static_cache_length = self.model.static_cache_length(
                 prompt_ids.shape[1], self.model.config.max_blocks if max_blocks is None else max_blocks, max_new_tokens
             )
@@ -483,6 +493,15 @@ class LaDiRPipeline:
             cut = next((i + 1 for i, token in enumerate(row) if token in eos_token_ids), len(row))
             completion_ids.append(row[:cut])
         return completion_ids, entropy_sum / entropy_count.clamp(min=1)
+
+
+def _left_pad_to_multiple(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, multiple: int, pad_token_id: int):
+    """Left-padded prompts ``(R, P)`` padded further on the left to a width that is a multiple of ``multiple``."""
+    extra = -prompt_ids.shape[1] % multiple
+    if extra == 0:
+        return prompt_ids, prompt_mask
+    padded_ids = torch.nn.functional.pad(prompt_ids, (extra, 0), value=pad_token_id)
+    return padded_ids, torch.nn.functional.pad(prompt_mask, (extra, 0), value=0)
 
 
 def _only_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
