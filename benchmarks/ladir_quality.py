@@ -3,11 +3,14 @@
     python benchmarks/ladir_quality.py                       # SmolLM2-135M, chain_sum, 5 minutes per recipe
     python benchmarks/ladir_quality.py --budget_seconds 600 --initial_latent_logvar -4 --latent_noise_std 0
     python benchmarks/ladir_quality.py --text_sft_results benchmarks/results/ladir_quality.json   # reuse (d)
+    python benchmarks/ladir_quality.py --training_seed 105 --recipes text_sft   # text SFT trained again, same problems
 
 Both recipes train from the same base model on the same training problems for `--budget_seconds` of wall-clock time
 each, one after the other in this process (the LaDiR recipe splits its budget between the VAE and the reasoner
 stage); after a 10-step warm-up their learning rates fall linearly with the time spent, to 0 at the end of the budget
-(`--no-decay_learning_rate`: constant). Then, on `--num_test_examples` held-out problems:
+(`--no-decay_learning_rate`: constant). Each recipe's training starts from `--training_seed` (default `--seed`: the
+problems and the evaluation's samples), so one recipe trains the same way with or without the other before it, and a
+second `--training_seed` measures how much one training of a recipe moves its scores on the same problems. Then, on `--num_test_examples` held-out problems:
 
 (a) VAE: greedy reconstruction of the held-out reasoning sentences from their latent means (exact match, and the share
     of target tokens the greedy decode gets right at their position);
@@ -61,6 +64,9 @@ ANSWER_TEMPLATE = "#### {answer}"
 def add_ladir_recipe_arguments(parser):
     """The flags `train_ladir` reads (besides budget_seconds, batch_size, seed, output_dir); reproduce.py shares them."""
     group = parser.add_argument_group("LaDiR recipe")
+    group.add_argument("--max_steps_per_stage", type=int, default=1_000_000,
+                       help="Text SFT and each LaDiR stage also stop after this many optimizer steps (for quick "
+                            "checks; the default is more than any budget here allows, so the budget stops them).")
     group.add_argument("--decay_learning_rate", action=argparse.BooleanOptionalAction, default=True,
                        help="The LaDiR stages and text SFT alike: after the warm-up the learning rate falls linearly "
                             "with the time spent, to 0 at the end of the budget (docs/sft.md: at a constant rate the "
@@ -105,11 +111,18 @@ def parse_args():
     parser.add_argument("--num_train_examples", type=int, default=2048)
     parser.add_argument("--num_test_examples", type=int, default=256)
     parser.add_argument("--budget_seconds", type=float, default=300, help="Training wall-clock time of each recipe.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the problems and of the evaluation's samples.")
+    parser.add_argument("--training_seed", type=int, default=None,
+                        help="Seed of each recipe's training (data order, new weights); default: --seed. Another value "
+                             "trains a recipe again on the same problems, to measure how much one training varies.")
+    parser.add_argument("--recipes", nargs="+", choices=["text_sft", "ladir"], default=["text_sft", "ladir"],
+                        help="Which recipes to train and score; a recipe left out has no part in the report (text "
+                             "SFT's can still come from --text_sft_results).")
     parser.add_argument("--output_dir", default="outputs/ladir-quality")
     # text SFT (the reference): full fine-tuning, as in research/task-difficulty.md
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
-    parser.add_argument("--text_sft_results", default=None, help="A previous report's JSON: reuse its text-SFT part.")
+    parser.add_argument("--text_sft_results", default=None,
+                        help="A previous report's JSON on the same problems: reuse its text-SFT part, not trained again.")
     parser.add_argument("--batch_size", type=int, default=8)
     add_ladir_recipe_arguments(parser)
     # sampling, as the main job's rollouts
@@ -123,12 +136,18 @@ def parse_args():
     parser.add_argument("--also_draw_slots_from_prior", action="store_true",
                         help="(c) again with the same model, a token posterior's slots drawn from its prior (the end "
                              "point of its denoising steps, in one step), under `ladir_slots_from_prior` in the JSON.")
+    parser.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=True,
+                        help="(a), (a2), (b), (b2) and (b3) of the LaDiR model: --no-diagnostics scores only its "
+                             "pass@k, for a recipe trained again.")
     parser.add_argument("--block_breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="(c2) for a token posterior. It samples as many traces again as (c): "
                              "--no-block_breakdown halves the LaDiR evaluation's time.")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Of the text-SFT model's worked solutions.")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.training_seed is None:
+        args.training_seed = args.seed
+    return args
 
 
 def train_text_sft_start(args, base, tokenizer, train, budget_seconds: float) -> str:
@@ -138,7 +157,7 @@ def train_text_sft_start(args, base, tokenizer, train, budget_seconds: float) ->
     on_gpu = torch.cuda.is_available()
     return train_text_sft(
         base, train,
-        SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=1_000_000,
+        SFTConfig(output_dir=os.path.join(args.output_dir, "text-sft"), max_steps=args.max_steps_per_stage,
                   learning_rate=args.text_sft_learning_rate, lr_scheduler_type="constant_with_warmup",
                   warmup_steps=10, per_device_train_batch_size=args.batch_size, logging_steps=25,
                   save_strategy="no", report_to="none", use_cpu=not on_gpu, bf16=on_gpu, seed=args.seed),
@@ -171,7 +190,7 @@ def train_ladir(args, base, tokenizer, train):
         stage_args = LaDiRSFTConfig(
             output_dir=os.path.join(args.output_dir, f"ladir-{stage}"),
             stage=stage,
-            max_steps=1_000_000,  # the wall-clock budget stops it
+            max_steps=args.max_steps_per_stage,  # unless the wall-clock budget stops it first
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=64,  # the reasoner stage's encoder pass (none for a token posterior)
             learning_rate=learning_rate,
@@ -472,13 +491,17 @@ def main():
     report = {"settings": vars(args), "timings": {}}
     answer_fn = lambda text: extract_final_answer(text) or text.strip()  # noqa: E731
 
+    # every recipe's trainer reads `seed`: it is the training seed there, the problems' and samples' seed here
+    training_args = argparse.Namespace(**{**vars(args), "seed": args.training_seed})
+
     # (d) text SFT
     if args.text_sft_results:
         with open(args.text_sft_results) as f:
             report["text_sft"] = json.load(f)["text_sft"]
-    else:
+    elif "text_sft" in args.recipes:
+        set_seed(args.training_seed)
         start = time.perf_counter()
-        sft_dir = train_text_sft_start(args, base, tokenizer, train, args.budget_seconds)
+        sft_dir = train_text_sft_start(training_args, base, tokenizer, train, args.budget_seconds)
         report["timings"]["text_sft_train_s"] = time.perf_counter() - start
         sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
         start = time.perf_counter()
@@ -491,29 +514,65 @@ def main():
         report["text_sft"] = without_per_problem(result)
         report["text_sft"]["teacher_forced"] = text_sft_token_accuracy(sft_model, tokenizer, test)
         del sft_model
+    curves = {"text SFT": report["text_sft"]} if "text_sft" in report else {}
 
-    # the LaDiR recipe at the same budget
+    # (a)-(c) the LaDiR recipe at the same budget
+    if "ladir" in args.recipes:
+        set_seed(args.training_seed)
+        ladir_parts = score_ladir(args, training_args, base, tokenizer, train, test, ks, answer_fn)
+        report["timings"].update(ladir_parts.pop("timings"))
+        report.update(ladir_parts)
+        curves["LaDiR"] = report["ladir"]
+        if "ladir_slots_from_prior" in report:
+            curves["LaDiR, slots drawn from the prior"] = report["ladir_slots_from_prior"]
+    # text-SFT results reused from before the per-problem counts were recorded have none
+    if "ladir" in report and "correct_per_problem" in report.get("text_sft", {}):
+        report["ladir_minus_text_sft"] = paired_difference(report["ladir"], report["text_sft"], ks, args.num_samples)
+
+    json_path = os.path.join(args.output_dir, "ladir_quality.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    png_path = plot_pass_at_k(
+        curves, os.path.join(args.output_dir, "ladir_quality.png"),
+        title=f"{args.dataset_name}: pass@k on {len(test)} held-out problems, {args.budget_seconds:.0f} s of training each",
+    )
+    print(json.dumps({key: report[key] for key in ("timings", "ladir_steps", "ladir_minus_text_sft") if key in report}, indent=2))
+    print_ladir_summary(report)
+    if "text_sft" in report:
+        print(f"(d) text SFT pass@k {report['text_sft']['pass_at_k']}")
+    if "teacher_forced" in report.get("text_sft", {}):
+        tokens = report["text_sft"]["teacher_forced"]
+        print(f"(d2) text SFT next-token prediction from the true prefix: token accuracy {tokens['token_accuracy']:.3f}, "
+              f"sentences exact {tokens['sentence_exact_match']:.3f}")
+    print(f"Wrote {json_path} and {png_path}")
+
+
+def score_ladir(args, training_args, base, tokenizer, train, test, ks, answer_fn) -> dict:
+    """Trains the LaDiR recipe and returns its parts of the report: (a)-(b3) unless --no-diagnostics, then (c)."""
+    report = {"timings": {}}
     start = time.perf_counter()
-    model, steps = train_ladir(args, base, tokenizer, train)
+    model, steps = train_ladir(training_args, base, tokenizer, train)
     report["timings"]["ladir_train_s"] = time.perf_counter() - start
     report["ladir_steps"] = steps
     start = time.perf_counter()
-    sentences = [s for row in test for s in split_reasoning_into_sentences(row["reasoning"], args.max_blocks)]
-    report["vae"] = vae_reconstruction(model, tokenizer, sentences)
-    if model.config.velocity_parameterization == "token_posterior":
-        report["codebook"] = codebook_round_trip(model, tokenizer, sentences)
-    report["oracle_latents"] = oracle_latent_accuracy(model, tokenizer, test)
-    if model.config.token_aligned_latents:
-        report["denoiser"] = denoiser_slot_accuracy(model, tokenizer, test, args.output_dir)
     sampling_kwargs = dict(num_denoise_steps=args.num_denoise_steps, sde_noise_level=args.sde_noise_level,
                            temperature=args.temperature, max_new_tokens=16)
-    if model.config.velocity_parameterization == "token_posterior":
-        report["slot_prediction"] = slot_prediction_accuracy(model, tokenizer, test, args.output_dir)
-        if args.block_breakdown:
-            report["sampled_blocks"] = sampled_block_breakdown(
-                model, tokenizer, test, num_latents=args.num_samples // args.num_decodes_per_latent, seed=args.seed,
-                **sampling_kwargs,
-            )
+    if args.diagnostics:
+        sentences = [s for row in test for s in split_reasoning_into_sentences(row["reasoning"], args.max_blocks)]
+        report["vae"] = vae_reconstruction(model, tokenizer, sentences)
+        if model.config.velocity_parameterization == "token_posterior":
+            report["codebook"] = codebook_round_trip(model, tokenizer, sentences)
+        report["oracle_latents"] = oracle_latent_accuracy(model, tokenizer, test)
+        if model.config.token_aligned_latents:
+            report["denoiser"] = denoiser_slot_accuracy(model, tokenizer, test, args.output_dir)
+        if model.config.velocity_parameterization == "token_posterior":
+            report["slot_prediction"] = slot_prediction_accuracy(model, tokenizer, test, args.output_dir)
+    if model.config.velocity_parameterization == "token_posterior" and args.block_breakdown:
+        report["sampled_blocks"] = sampled_block_breakdown(
+            model, tokenizer, test, num_latents=args.num_samples // args.num_decodes_per_latent, seed=args.seed,
+            **sampling_kwargs,
+        )
+
     def ladir_pass_at_k(sde_noise_level, draw_slots_from_prior=False):
         set_seed(args.seed)
         generate_fn = ladir_generate_fn(model, tokenizer, num_decodes_per_latent=args.num_decodes_per_latent,
@@ -530,29 +589,22 @@ def main():
         report["ladir_by_sde_noise_level"] = {str(args.sde_noise_level): report["ladir"]}
         for level in args.also_sde_noise_levels:
             report["ladir_by_sde_noise_level"][str(level)] = ladir_pass_at_k(level)
-    curves = {"text SFT": report["text_sft"], "LaDiR": report["ladir"]}
     if args.also_draw_slots_from_prior:
         start = time.perf_counter()
         report["ladir_slots_from_prior"] = ladir_pass_at_k(args.sde_noise_level, draw_slots_from_prior=True)
         report["timings"]["ladir_slots_from_prior_eval_s"] = time.perf_counter() - start
-        curves["LaDiR, slots drawn from the prior"] = report["ladir_slots_from_prior"]
+    return report
 
-    if "correct_per_problem" in report["text_sft"]:  # text-SFT results reused from before this was recorded have none
-        report["ladir_minus_text_sft"] = paired_difference(report["ladir"], report["text_sft"], ks, args.num_samples)
-    json_path = os.path.join(args.output_dir, "ladir_quality.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
-    png_path = plot_pass_at_k(
-        curves, os.path.join(args.output_dir, "ladir_quality.png"),
-        title=f"{args.dataset_name}: pass@k on {len(test)} held-out problems, {args.budget_seconds:.0f} s of training each",
-    )
-    print(json.dumps({key: report[key] for key in ("timings", "ladir_steps", "ladir_minus_text_sft") if key in report}, indent=2))
-    print(f"(a) VAE exact match {report['vae']['exact_match']:.3f}, token accuracy {report['vae']['token_accuracy']:.3f}"
-          f" on {len(sentences)} held-out sentences")
+
+def print_ladir_summary(report):
+    if "vae" in report:
+        print(f"(a) VAE exact match {report['vae']['exact_match']:.3f}, token accuracy {report['vae']['token_accuracy']:.3f}"
+              f" on {report['vae']['num_sentences']} held-out sentences")
     if "codebook" in report:
         print(f"(a2) codebook round trip exact match {report['codebook']['exact_match']:.3f}, slot accuracy "
               f"{report['codebook']['token_accuracy']:.3f}")
-    print(f"(b) answer accuracy with oracle latents {report['oracle_latents']['answer_accuracy']:.3f}")
+    if "oracle_latents" in report:
+        print(f"(b) answer accuracy with oracle latents {report['oracle_latents']['answer_accuracy']:.3f}")
     if "denoiser" in report:
         for t, accuracy, exact in zip(*(report["denoiser"][k] for k in ("noise_levels", "token_accuracy", "block_exact_match"))):
             print(f"    denoiser from noise t={t}: token accuracy {accuracy:.3f}, block exact {exact:.3f}")
@@ -560,7 +612,8 @@ def main():
         slots = report["slot_prediction"]
         print(f"(b3) next-slot prediction from the true prefix: token accuracy {slots['token_accuracy']:.3f}, sentences "
               f"exact {slots['sentence_exact_match']:.3f}, end of sentence {slots['end_of_sentence_accuracy']:.3f}")
-    print(f"(c) LaDiR pass@k {report['ladir']['pass_at_k']}")
+    if "ladir" in report:
+        print(f"(c) LaDiR pass@k {report['ladir']['pass_at_k']}")
     for level, result in report.get("ladir_by_sde_noise_level", {}).items():
         print(f"    at SDE noise level {level}: pass@k {result['pass_at_k']}, distinct answers {result['distinct_answers_mean']:.2f}")
     if "sampled_blocks" in report:
@@ -568,13 +621,6 @@ def main():
         print(f"(c2) sampled traces with every block right {blocks['blocks_right']:.3f} (answer accuracy "
               f"{blocks['answer_accuracy_when_blocks_right']:.3f}; otherwise {blocks['answer_accuracy_when_blocks_wrong']:.3f}); "
               f"first wrong block: {blocks['first_wrong_block']}")
-    print(f"(d) text SFT pass@k {report['text_sft']['pass_at_k']}")
-    if "teacher_forced" in report["text_sft"]:
-        tokens = report["text_sft"]["teacher_forced"]
-        print(f"(d2) text SFT next-token prediction from the true prefix: token accuracy {tokens['token_accuracy']:.3f}, "
-              f"sentences exact {tokens['sentence_exact_match']:.3f}")
-    print(f"Wrote {json_path} and {png_path}")
-
 
 if __name__ == "__main__":
     main()

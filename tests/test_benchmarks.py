@@ -388,6 +388,72 @@ def test_ladir_quality_pairs_the_two_recipes_problem_by_problem():
         ladir_quality.paired_difference(result, {"correct_per_problem": [0]}, ks=[1], num_samples=8)
 
 
+def test_ladir_quality_trains_each_recipe_from_its_training_seed(tmp_path):
+    """A recipe trains the same way with or without the other before it, and another --training_seed trains it again
+    (other initial weights) on the same problems, sampled with the same stream."""
+    from trl_ladi.testing import make_tokenizer, tiny_causal_lm
+
+    tokenizer = make_tokenizer()
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    # 3 steps per stage (the first at the warm-up's rate 0), at rates that do not depend on how long a step took
+    common = ["--model_name_or_path", str(tmp_path / "base"), "--seed", "5", "--num_train_examples", "8",
+              "--num_test_examples", "3", "--num_samples", "4", "--budget_seconds", "1e6", "--batch_size", "4",
+              "--max_steps_per_stage", "3", "--no-decay_learning_rate", "--latent_tokens_per_block", "2", "--latent_dim", "8", "--max_blocks", "2",
+              "--max_new_tokens", "8", "--no-diagnostics"]
+
+    def report(name, *argv):
+        result = run_benchmark("ladir_quality.py", *common, *argv, "--output_dir", str(tmp_path / name), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / name / "ladir_quality.json").read_text())
+
+    both = report("both", "--training_seed", "3")
+    alone = report("alone", "--training_seed", "3", "--recipes", "ladir")
+    other = report("other", "--training_seed", "4", "--recipes", "ladir")
+    assert both["text_sft"]["num_problems"] == 3 and "ladir_minus_text_sft" in both
+    assert "text_sft" not in alone and "ladir_minus_text_sft" not in alone and "vae" not in alone
+    # the same LaDiR model and samples whether text SFT trained first or not; another seed, other latents
+    assert alone["ladir"]["latent_diversity_mean"] == both["ladir"]["latent_diversity_mean"]
+    assert other["ladir"]["latent_diversity_mean"] != alone["ladir"]["latent_diversity_mean"]
+
+
+def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):
+    recipe_replicates = import_benchmark("recipe_replicates")
+    settings = {"seed": 5, "num_test_examples": 2, "num_samples": 4, "budget_seconds": 300}
+
+    def report(training_seed, **parts):
+        return {"settings": {**settings, "training_seed": training_seed}, **parts}
+
+    reports = [
+        # 2 of 4 and 0 of 4 right: pass@1 25%, pass@4 50%
+        ("both", report(5, text_sft={"correct_per_problem": [2, 0]}, ladir={"correct_per_problem": [4, 0]})),
+        ("text", report(105, text_sft={"correct_per_problem": [4, 0]})),
+        # a reused text SFT part is the first report's training, not this one's
+        ("ladir", {**report(105, ladir={"correct_per_problem": [4, 4]}, text_sft={"correct_per_problem": [2, 0]}),
+                   "settings": {**settings, "training_seed": 105, "text_sft_results": "both.json"}}),
+    ]
+    summary = recipe_replicates.summarize(reports)
+    assert [t["training_seed"] for t in summary["text_sft"]["trainings"]] == [5, 105]
+    assert [t["training_seed"] for t in summary["ladir"]["trainings"]] == [5, 105]
+    # text SFT pass@1 25 and 50, LaDiR 50 and 100: means 37.5 and 75, standard deviations 17.7 and 35.4
+    assert summary["text_sft"]["mean"]["pass@1"] == pytest.approx(37.5)
+    assert summary["ladir"]["standard_deviation"]["pass@1"] == pytest.approx(50 / 2 ** 0.5)
+    between = summary["ladir_minus_text_sft"]["between_trainings"]["pass@1"]
+    assert between["mean"] == pytest.approx(37.5)
+    assert between["standard_error"] == pytest.approx(((50 / 2 ** 0.5) ** 2 / 2 + (25 / 2 ** 0.5) ** 2 / 2) ** 0.5)
+    # per problem, averaged over trainings: LaDiR 100 and 50, text SFT 75 and 0: differences 25 and 50
+    over = summary["ladir_minus_text_sft"]["over_problems"]["pass@1"]
+    assert over["mean"] == pytest.approx(37.5)
+    assert over["standard_error"] == pytest.approx(12.5)
+    # pass@4: text SFT 100/0 in both trainings; LaDiR 100/0 then 100/100
+    assert summary["ladir_minus_text_sft"]["between_trainings"]["pass@4"]["mean"] == pytest.approx(25.0)
+
+    reports.append(("other", report(7, ladir={"correct_per_problem": [0, 0]}) | {
+        "settings": {**settings, "training_seed": 7, "budget_seconds": 600}}))
+    with pytest.raises(ValueError, match="budget_seconds"):
+        recipe_replicates.summarize(reports)
+
+
 def test_diversity_guidance_pairs_each_scale_with_the_first_and_with_text_sft(tmp_path):
     model_dir = save_tiny_token_posterior_model(tmp_path / "ladir")
     common = ["--model_path", str(model_dir), "--num_problems", "3", "--num_samples", "4", "--scales", "0", "8"]

@@ -1,0 +1,158 @@
+"""Several trainings of each recipe on the same problems: how far apart text SFT and LaDiR are, next to how much one
+training moves a recipe's scores.
+
+    Q=benchmarks/ladir_quality.py
+    python $Q --seed 5 --output_dir S5                                                # both recipes, training seed 5
+    python $Q --seed 5 --training_seed 105 --recipes text_sft --output_dir T105       # text SFT trained again
+    python $Q --seed 5 --training_seed 105 --recipes ladir --no-diagnostics \\
+        --text_sft_results S5/ladir_quality.json --output_dir L105                    # LaDiR trained again
+    python benchmarks/recipe_replicates.py S5/ladir_quality.json T105/ladir_quality.json L105/ladir_quality.json
+
+(each `ladir_quality.py` line with the same recipe flags). It collects every training of each recipe in the given
+`ladir_quality.py` reports: a text SFT part that a report reused with `--text_sft_results` is not a training of that
+report and is skipped (list the report that trained it). Reports on other problems, sampled otherwise or trained with
+other settings are refused. For each recipe: every training's pass@k, their mean and standard deviation. Then LaDiR
+minus text SFT, in points:
+
+- `between_trainings`: the difference of the two means, with the standard error that the trainings' spread gives,
+  sqrt(sd_ladir^2 / n_ladir + sd_text^2 / n_text): how sure the difference is on these problems;
+- `over_problems`: the same difference as a mean over problems of each recipe's per-problem pass@k averaged over its
+  trainings, with its standard error over problems: how sure it is for other problems of the same generator.
+
+Writes `--output` (JSON) and prints the table.
+"""
+
+import argparse
+import json
+import math
+import os
+
+from trl_ladi.evaluation import pass_at_k
+
+# settings that do not change what a recipe trains or how its answers are sampled
+NOT_COMPARED = {"output_dir", "training_seed", "recipes", "text_sft_results", "diagnostics", "block_breakdown",
+                "also_sde_noise_levels", "also_draw_slots_from_prior"}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", help="ladir_quality.py JSON reports on the same problems.")
+    parser.add_argument("--output", default="recipe_replicates.json")
+    return parser.parse_args()
+
+
+def check_same_settings(reports):
+    """Refuses reports whose problems, sampling or recipes differ (a setting missing from an older report is not
+    compared)."""
+    first_name, first = reports[0]
+    for name, report in reports[1:]:
+        for key in sorted(first["settings"].keys() & report["settings"].keys() - NOT_COMPARED):
+            if first["settings"][key] != report["settings"][key]:
+                raise ValueError(
+                    f"{name} has {key}={report['settings'][key]!r} where {first_name} has {first['settings'][key]!r}: "
+                    "the reports must score the same problems, sampled the same way, with the same recipes."
+                )
+
+
+def collect_trainings(reports, recipe):
+    """Each training of `recipe` ("text_sft" or "ladir") in the reports, with its training seed and per-problem counts."""
+    trainings = []
+    for name, report in reports:
+        settings = report["settings"]
+        if recipe not in report or (recipe == "text_sft" and settings.get("text_sft_results")):
+            continue
+        trainings.append({
+            "report": name,
+            "training_seed": settings.get("training_seed", settings["seed"]),
+            "correct_per_problem": report[recipe]["correct_per_problem"],
+        })
+    return trainings
+
+
+def per_problem_pass_at_k(correct_per_problem, num_samples, k):
+    return [100 * pass_at_k(num_samples, c, k) for c in correct_per_problem]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def standard_deviation(values):
+    if len(values) < 2:
+        return float("nan")
+    center = mean(values)
+    return math.sqrt(sum((v - center) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(reports):
+    check_same_settings(reports)
+    num_samples = reports[0][1]["settings"]["num_samples"]
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= num_samples]
+    summary = {"num_samples": num_samples, "reports": [name for name, _ in reports]}
+    per_problem = {}  # recipe -> k -> each problem's pass@k averaged over the recipe's trainings
+    for recipe in ("text_sft", "ladir"):
+        trainings = collect_trainings(reports, recipe)
+        if not trainings:
+            raise ValueError(f"No training of {recipe} in the reports: list a report that trained it.")
+        if len({len(t["correct_per_problem"]) for t in trainings}) != 1:
+            raise ValueError(f"The {recipe} trainings were scored on different numbers of problems.")
+        part = {"num_trainings": len(trainings), "trainings": [], "mean": {}, "standard_deviation": {}}
+        per_problem[recipe] = {}
+        for training in trainings:
+            scores = {f"pass@{k}": mean(per_problem_pass_at_k(training["correct_per_problem"], num_samples, k))
+                      for k in ks}
+            part["trainings"].append({"report": training["report"], "training_seed": training["training_seed"],
+                                      "pass_at_k": scores})
+        for k in ks:
+            values = [t["pass_at_k"][f"pass@{k}"] for t in part["trainings"]]
+            part["mean"][f"pass@{k}"] = mean(values)
+            part["standard_deviation"][f"pass@{k}"] = standard_deviation(values)
+            columns = [per_problem_pass_at_k(t["correct_per_problem"], num_samples, k) for t in trainings]
+            per_problem[recipe][k] = [mean(problem) for problem in zip(*columns)]
+        summary[recipe] = part
+
+    if len(per_problem["text_sft"][1]) != len(per_problem["ladir"][1]):
+        raise ValueError("The text SFT and LaDiR trainings were scored on different numbers of problems.")
+    between, over = {}, {}
+    for k in ks:
+        key = f"pass@{k}"
+        text, ladir = summary["text_sft"], summary["ladir"]
+        # the trainings' spread: sd^2 / n of each recipe (nan when a recipe was trained once)
+        spread = ladir["standard_deviation"][key] ** 2 / ladir["num_trainings"] + \
+            text["standard_deviation"][key] ** 2 / text["num_trainings"]
+        between[key] = {"mean": ladir["mean"][key] - text["mean"][key], "standard_error": math.sqrt(spread)}
+        differences = [a - b for a, b in zip(per_problem["ladir"][k], per_problem["text_sft"][k], strict=True)]
+        over[key] = {"mean": mean(differences),
+                     "standard_error": standard_deviation(differences) / math.sqrt(len(differences))}
+    summary["ladir_minus_text_sft"] = {"between_trainings": between, "over_problems": over}
+    return summary
+
+
+def main():
+    args = parse_args()
+    reports = []
+    for path in args.reports:
+        # named by its file, or by its folder for a report under ladir_quality.py's own file name
+        name = os.path.basename(path)
+        if name == "ladir_quality.json":
+            name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        with open(path) as f:
+            reports.append((name, json.load(f)))
+    summary = summarize(reports)
+    with open(args.output, "w") as f:
+        json.dump(summary, f, indent=2)
+    ks = list(summary["text_sft"]["mean"])
+    print("recipe   training seed   " + "  ".join(f"{k:>8}" for k in ks))
+    for recipe in ("text_sft", "ladir"):
+        for training in summary[recipe]["trainings"]:
+            print(f"{recipe:8} {training['training_seed']!s:>13}   "
+                  + "  ".join(f"{training['pass_at_k'][k]:8.1f}" for k in ks))
+        print(f"{recipe:8} {'mean':>13}   " + "  ".join(f"{summary[recipe]['mean'][k]:8.1f}" for k in ks))
+    for name, part in summary["ladir_minus_text_sft"].items():
+        print(f"LaDiR minus text SFT, {name}: "
+              + ", ".join(f"{k} {part[k]['mean']:+.1f} +- {part[k]['standard_error']:.1f}" for k in ks))
+    print(f"Wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
