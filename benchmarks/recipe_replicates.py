@@ -61,9 +61,13 @@ def collect_trainings(reports, recipe):
         settings = report["settings"]
         if recipe not in report or (recipe == "text_sft" and settings.get("text_sft_results")):
             continue
+        training_seed = settings.get("training_seed", settings["seed"])
+        if "training_seed" not in settings and recipe == "ladir" and not settings.get("text_sft_results"):
+            # reports from before --training_seed drew LaDiR's new weights from the random state text SFT left
+            training_seed = f"{training_seed}, after text SFT"
         trainings.append({
             "report": name,
-            "training_seed": settings.get("training_seed", settings["seed"]),
+            "training_seed": training_seed,
             "correct_per_problem": report[recipe]["correct_per_problem"],
         })
     return trainings
@@ -78,8 +82,9 @@ def mean(values):
 
 
 def standard_deviation(values):
+    """The sample standard deviation; None for one value (a recipe trained once has no spread to measure)."""
     if len(values) < 2:
-        return float("nan")
+        return None
     center = mean(values)
     return math.sqrt(sum((v - center) ** 2 for v in values) / (len(values) - 1))
 
@@ -117,10 +122,10 @@ def summarize(reports):
     for k in ks:
         key = f"pass@{k}"
         text, ladir = summary["text_sft"], summary["ladir"]
-        # the trainings' spread: sd^2 / n of each recipe (nan when a recipe was trained once)
-        spread = ladir["standard_deviation"][key] ** 2 / ladir["num_trainings"] + \
-            text["standard_deviation"][key] ** 2 / text["num_trainings"]
-        between[key] = {"mean": ladir["mean"][key] - text["mean"][key], "standard_error": math.sqrt(spread)}
+        # the trainings' spread: sd^2 / n of each recipe (none when a recipe was trained once)
+        spreads = [(part["standard_deviation"][key], part["num_trainings"]) for part in (ladir, text)]
+        standard_error = None if any(sd is None for sd, _ in spreads) else math.sqrt(sum(sd**2 / n for sd, n in spreads))
+        between[key] = {"mean": ladir["mean"][key] - text["mean"][key], "standard_error": standard_error}
         differences = [a - b for a, b in zip(per_problem["ladir"][k], per_problem["text_sft"][k], strict=True)]
         over[key] = {"mean": mean(differences),
                      "standard_error": standard_deviation(differences) / math.sqrt(len(differences))}
@@ -149,8 +154,9 @@ def main():
                   + "  ".join(f"{training['pass_at_k'][k]:8.1f}" for k in ks))
         print(f"{recipe:8} {'mean':>13}   " + "  ".join(f"{summary[recipe]['mean'][k]:8.1f}" for k in ks))
     for name, part in summary["ladir_minus_text_sft"].items():
-        print(f"LaDiR minus text SFT, {name}: "
-              + ", ".join(f"{k} {part[k]['mean']:+.1f} +- {part[k]['standard_error']:.1f}" for k in ks))
+        print(f"LaDiR minus text SFT, {name}: " + ", ".join(
+            f"{k} {part[k]['mean']:+.1f}" + ("" if part[k]["standard_error"] is None else f" +- {part[k]['standard_error']:.1f}")
+            for k in ks))
     print(f"Wrote {args.output}")
 
 

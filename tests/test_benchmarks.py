@@ -448,6 +448,14 @@ def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):
     # pass@4: text SFT 100/0 in both trainings; LaDiR 100/0 then 100/100
     assert summary["ladir_minus_text_sft"]["between_trainings"]["pass@4"]["mean"] == pytest.approx(25.0)
 
+    # a report from before --training_seed trained LaDiR after text SFT, from the random state that left
+    old_report = {"settings": settings, "text_sft": {"correct_per_problem": [0, 0]},
+                  "ladir": {"correct_per_problem": [1, 1]}}
+    once = recipe_replicates.summarize([("old", old_report)])
+    assert [t["training_seed"] for t in once["ladir"]["trainings"]] == ["5, after text SFT"]
+    # one training of each recipe: no spread between trainings to give a standard error
+    assert once["ladir_minus_text_sft"]["between_trainings"]["pass@1"] == {"mean": 25.0, "standard_error": None}
+
     reports.append(("other", report(7, ladir={"correct_per_problem": [0, 0]}) | {
         "settings": {**settings, "training_seed": 7, "budget_seconds": 600}}))
     with pytest.raises(ValueError, match="budget_seconds"):
