@@ -10,7 +10,8 @@ each, one after the other in this process (the LaDiR recipe splits its budget be
 stage); after a 10-step warm-up their learning rates fall linearly with the time spent, to 0 at the end of the budget
 (`--no-decay_learning_rate`: constant). Each recipe's training starts from `--training_seed` (default `--seed`: the
 problems and the evaluation's samples), so one recipe trains the same way with or without the other before it, and a
-second `--training_seed` measures how much one training of a recipe moves its scores on the same problems. Then, on `--num_test_examples` held-out problems:
+second `--training_seed` measures how much one training of a recipe moves its scores on the same problems
+(`recipe_replicates.py` pools such reports). Then, on `--num_test_examples` held-out problems:
 
 (a) VAE: greedy reconstruction of the held-out reasoning sentences from their latent means (exact match, and the share
     of target tokens the greedy decode gets right at their position);

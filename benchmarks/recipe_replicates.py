@@ -101,18 +101,18 @@ def summarize(reports):
             raise ValueError(f"No training of {recipe} in the reports: list a report that trained it.")
         if len({len(t["correct_per_problem"]) for t in trainings}) != 1:
             raise ValueError(f"The {recipe} trainings were scored on different numbers of problems.")
-        part = {"num_trainings": len(trainings), "trainings": [], "mean": {}, "standard_deviation": {}}
+        part = {"num_trainings": len(trainings), "mean": {}, "standard_deviation": {},
+                "trainings": [{"report": t["report"], "training_seed": t["training_seed"], "pass_at_k": {}}
+                              for t in trainings]}
         per_problem[recipe] = {}
-        for training in trainings:
-            scores = {f"pass@{k}": mean(per_problem_pass_at_k(training["correct_per_problem"], num_samples, k))
-                      for k in ks}
-            part["trainings"].append({"report": training["report"], "training_seed": training["training_seed"],
-                                      "pass_at_k": scores})
         for k in ks:
-            values = [t["pass_at_k"][f"pass@{k}"] for t in part["trainings"]]
+            # one column of per-problem pass@k per training
+            columns = [per_problem_pass_at_k(t["correct_per_problem"], num_samples, k) for t in trainings]
+            values = [mean(column) for column in columns]
+            for training, value in zip(part["trainings"], values):
+                training["pass_at_k"][f"pass@{k}"] = value
             part["mean"][f"pass@{k}"] = mean(values)
             part["standard_deviation"][f"pass@{k}"] = standard_deviation(values)
-            columns = [per_problem_pass_at_k(t["correct_per_problem"], num_samples, k) for t in trainings]
             per_problem[recipe][k] = [mean(problem) for problem in zip(*columns)]
         summary[recipe] = part
 
