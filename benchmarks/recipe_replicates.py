@@ -26,6 +26,8 @@ import argparse
 import json
 import math
 import os
+import statistics
+from statistics import fmean as mean
 
 from trl_ladi.evaluation import pass_at_k
 
@@ -77,16 +79,9 @@ def per_problem_pass_at_k(correct_per_problem, num_samples, k):
     return [100 * pass_at_k(num_samples, c, k) for c in correct_per_problem]
 
 
-def mean(values):
-    return sum(values) / len(values)
-
-
 def standard_deviation(values):
     """The sample standard deviation; None for one value (a recipe trained once has no spread to measure)."""
-    if len(values) < 2:
-        return None
-    center = mean(values)
-    return math.sqrt(sum((v - center) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarize(reports):
