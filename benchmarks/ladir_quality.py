@@ -96,6 +96,10 @@ def add_ladir_recipe_arguments(parser):
                             "losses (token readout, token posterior).")
     group.add_argument("--stop_weight", type=float, default=LaDiRSFTConfig.stop_weight,
                        help="Weight of the stop head's cross-entropy (examples/math.py uses 4).")
+    group.add_argument("--stop_readout", choices=["head", "answer_token"], default="head",
+                       help="How the reasoner decides to answer: 'head', a new linear stop head (LaDiR); "
+                            "'answer_token', the LM's token head predicting the answer's first token "
+                            "(LaDiRConfig.stop_token_id).")
     group.add_argument("--initial_latent_logvar", type=float, default=None)
     group.add_argument("--latent_noise_std", type=float, default=0.3)
     group.add_argument("--token_substitution_prob", type=float, default=0.3)
@@ -167,6 +171,11 @@ def train_text_sft_start(args, base, tokenizer, train, budget_seconds: float) ->
     )
 
 
+def answer_start_token_id(tokenizer) -> int:
+    """The first token of an answer written with ANSWER_TEMPLATE (`####`)."""
+    return tokenizer(ANSWER_TEMPLATE.format(answer=0), add_special_tokens=False)["input_ids"][0]
+
+
 def train_ladir(args, base, tokenizer, train):
     model = LaDiRModel.from_base(
         base,
@@ -184,6 +193,7 @@ def train_ladir(args, base, tokenizer, train):
         timestep_shift=args.timestep_shift,
         initial_noise_scale=args.initial_noise_scale,
         initial_latent_logvar=args.initial_latent_logvar,
+        stop_token_id=answer_start_token_id(tokenizer) if args.stop_readout == "answer_token" else None,
     )
     steps = {}
     stages = (("vae", args.vae_fraction, args.vae_learning_rate), ("reasoner", 1 - args.vae_fraction, args.reasoner_learning_rate))

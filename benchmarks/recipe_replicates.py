@@ -11,7 +11,8 @@ training moves a recipe's scores.
 (each `ladir_quality.py` line with the same recipe flags). It collects every training of each recipe in the given
 `ladir_quality.py` reports: a text SFT part that a report reused with `--text_sft_results` is not a training of that
 report and is skipped (list the report that trained it). Reports on other problems, sampled otherwise or trained with
-other settings are refused. For each recipe: every training's pass@k, their mean and standard deviation. Then LaDiR
+other settings are refused. `--text_sft_only REPORT ...` adds reports whose text SFT part only is pooled, e.g. a
+side-by-side report whose LaDiR part trained another LaDiR recipe (its LaDiR flags are not compared). For each recipe: every training's pass@k, their mean and standard deviation. Then LaDiR
 minus text SFT, in points:
 
 - `between_trainings`: the difference of the two means, with the standard error that the trainings' spread gives,
@@ -29,39 +30,67 @@ import os
 import statistics
 from statistics import fmean as mean
 
+from ladir_quality import add_ladir_recipe_arguments  # benchmarks/ladir_quality.py
+
 from trl_ladi.evaluation import pass_at_k
 
 # settings that do not change what a recipe trains or how its answers are sampled
 NOT_COMPARED = {"output_dir", "training_seed", "recipes", "text_sft_results", "diagnostics", "block_breakdown",
                 "also_sde_noise_levels", "also_draw_slots_from_prior"}
+# settings added after some reports were written, with the value those reports trained with
+LEGACY_SETTINGS = {"stop_readout": "head"}
+
+
+def ladir_only_settings() -> set:
+    """The LaDiR recipe's flags that text SFT does not read (not compared for a report used for its text SFT only)."""
+    parser = argparse.ArgumentParser()
+    add_ladir_recipe_arguments(parser)
+    shared = {"max_steps_per_stage", "decay_learning_rate"}  # text SFT reads these too
+    return {action.dest for action in parser._actions if action.dest != "help"} - shared
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", help="ladir_quality.py JSON reports on the same problems.")
+    parser.add_argument("--text_sft_only", nargs="+", default=[],
+                        help="More reports on the same problems whose text SFT part only is pooled (their LaDiR part "
+                             "trained another LaDiR recipe).")
     parser.add_argument("--output", default="recipe_replicates.json")
     return parser.parse_args()
 
 
-def check_same_settings(reports):
+def check_same_settings(reports, text_sft_only=frozenset()):
     """Refuses reports whose problems, sampling or recipes differ (a setting missing from an older report is not
-    compared)."""
-    first_name, first = reports[0]
-    for name, report in reports[1:]:
-        for key in sorted(first["settings"].keys() & report["settings"].keys() - NOT_COMPARED):
-            if first["settings"][key] != report["settings"][key]:
+    compared, but for LEGACY_SETTINGS); a report with no LaDiR part pooled (none, or in `text_sft_only`) is not
+    compared on the LaDiR recipe's flags."""
+    ladir_only = ladir_only_settings()
+
+    def pools_ladir(name, report):
+        return "ladir" in report and name not in text_sft_only
+
+    # the reference: a report whose every setting counts (the others are compared with it)
+    first_name, first = next(((name, r) for name, r in reports if pools_ladir(name, r)), reports[0])
+    first_settings = {**LEGACY_SETTINGS, **first["settings"]}
+    for name, report in reports:
+        ignored = NOT_COMPARED | (set() if pools_ladir(name, report) else ladir_only)
+        its_settings = {**LEGACY_SETTINGS, **report["settings"]}
+        for key in sorted(first_settings.keys() & its_settings.keys() - ignored):
+            if first_settings[key] != its_settings[key]:
                 raise ValueError(
-                    f"{name} has {key}={report['settings'][key]!r} where {first_name} has {first['settings'][key]!r}: "
+                    f"{name} has {key}={its_settings[key]!r} where {first_name} has {first_settings[key]!r}: "
                     "the reports must score the same problems, sampled the same way, with the same recipes."
                 )
 
 
-def collect_trainings(reports, recipe):
-    """Each training of `recipe` ("text_sft" or "ladir") in the reports, with its training seed and per-problem counts."""
+def collect_trainings(reports, recipe, text_sft_only=frozenset()):
+    """Each training of `recipe` ("text_sft" or "ladir") in the reports, with its training seed and per-problem counts
+    (none of "ladir" from a report in `text_sft_only`)."""
     trainings = []
     for name, report in reports:
         settings = report["settings"]
         if recipe not in report or (recipe == "text_sft" and settings.get("text_sft_results")):
+            continue
+        if recipe == "ladir" and name in text_sft_only:
             continue
         training_seed = settings.get("training_seed", settings["seed"])
         if "training_seed" not in settings and recipe == "ladir" and not settings.get("text_sft_results"):
@@ -84,14 +113,15 @@ def standard_deviation(values):
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarize(reports):
-    check_same_settings(reports)
+def summarize(reports, text_sft_only=frozenset()):
+    """`reports`: (name, report) pairs; `text_sft_only`: the names of those whose text SFT part only is pooled."""
+    check_same_settings(reports, text_sft_only)
     num_samples = reports[0][1]["settings"]["num_samples"]
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= num_samples]
     summary = {"num_samples": num_samples, "reports": [name for name, _ in reports]}
     per_problem = {}  # recipe -> k -> each problem's pass@k averaged over the recipe's trainings
     for recipe in ("text_sft", "ladir"):
-        trainings = collect_trainings(reports, recipe)
+        trainings = collect_trainings(reports, recipe, text_sft_only)
         if not trainings:
             raise ValueError(f"No training of {recipe} in the reports: list a report that trained it.")
         if len({len(t["correct_per_problem"]) for t in trainings}) != 1:
@@ -130,15 +160,18 @@ def summarize(reports):
 
 def main():
     args = parse_args()
-    reports = []
-    for path in args.reports:
+    reports, text_sft_only = [], set()
+    for path in args.reports + args.text_sft_only:
         # named by its file, or by its folder for a report under ladir_quality.py's own file name
         name = os.path.basename(path)
         if name == "ladir_quality.json":
             name = os.path.basename(os.path.dirname(os.path.abspath(path)))
         with open(path) as f:
             reports.append((name, json.load(f)))
-    summary = summarize(reports)
+        if path in args.text_sft_only:
+            text_sft_only.add(name)
+    summary = summarize(reports, text_sft_only)
+    summary["text_sft_only"] = sorted(text_sft_only)
     with open(args.output, "w") as f:
         json.dump(summary, f, indent=2)
     ks = list(summary["text_sft"]["mean"])

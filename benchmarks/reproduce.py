@@ -276,7 +276,7 @@ LADIRL_CURVES = ("reward", "frac_reward_zero_std", "latent_diversity", "distinct
 START_SETTINGS = (
     "model_name_or_path", "dataset_name", "num_train_examples", "seed", "sft_budget_seconds", "batch_size",
     "text_sft_learning_rate", "decay_learning_rate", "latent_dim", "lora_rank", "max_blocks", "causal_denoiser",
-    "timestep_shift", "flow_timestep_shift", "max_steps_per_stage",
+    "timestep_shift", "flow_timestep_shift", "max_steps_per_stage", "slot_token_weight", "stop_weight", "stop_readout",
     *(name for name in LADIR_RECIPE if name != "num_denoise_steps"),
 )
 

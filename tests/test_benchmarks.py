@@ -461,6 +461,22 @@ def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):
     with pytest.raises(ValueError, match="budget_seconds"):
         recipe_replicates.summarize(reports)
 
+    # LaDiR trained with another stop readout: not pooled with reports from before the flag (a stop head)...
+    new_stop = ("new_stop", {"settings": {**settings, "training_seed": 205, "stop_readout": "answer_token",
+                                          "text_sft_results": "both.json"},
+                             "ladir": {"correct_per_problem": [3, 1]}})
+    with pytest.raises(ValueError, match="stop_readout='answer_token' where both has 'head'"):
+        recipe_replicates.summarize([*reports[:2], new_stop])
+    # ...unless the older side-by-side report gives its text SFT part only; a text-SFT-only report is compared on the
+    # problems and text SFT's flags, not on LaDiR's
+    pooled = recipe_replicates.summarize([*reports[:2], new_stop], text_sft_only={"both"})
+    assert [t["training_seed"] for t in pooled["text_sft"]["trainings"]] == [5, 105]
+    assert [t["training_seed"] for t in pooled["ladir"]["trainings"]] == [205]
+    other_problems = ("text", report(105, text_sft={"correct_per_problem": [4, 0]}))
+    other_problems[1]["settings"]["num_samples"] = 8
+    with pytest.raises(ValueError, match="num_samples"):
+        recipe_replicates.summarize([reports[0], other_problems, new_stop], text_sft_only={"both"})
+
 
 def test_diversity_guidance_pairs_each_scale_with_the_first_and_with_text_sft(tmp_path):
     model_dir = save_tiny_token_posterior_model(tmp_path / "ladir")

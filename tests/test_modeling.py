@@ -46,8 +46,9 @@ def build(tokenizer, family="llama", seed=0, randomize=True, **kwargs):
                 parameter.normal_(0, 0.3)
             if model.config.causal_denoiser:
                 model.denoiser_lookahead.weight.normal_(0, 0.3)
-            model.stop_head.weight.normal_(0, 1.0)
-            model.stop_head.bias.copy_(torch.tensor([0.5, -0.5]))
+            if model.stop_head is not None:  # none when the LM head decides (stop_token_id)
+                model.stop_head.weight.normal_(0, 1.0)
+                model.stop_head.bias.copy_(torch.tensor([0.5, -0.5]))
             for name, parameter in model.language_model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 0.1)
@@ -666,6 +667,62 @@ def test_stop_head_ends_rows_at_different_blocks(tokenizer):
     assert torch.equal(trace.block_mask, torch.arange(trace.block_mask.shape[1])[None] < trace.num_blocks[:, None])
 
 
+def test_answer_token_stop_is_the_lm_heads_probability_of_that_token(tokenizer):
+    """`stop_token_id`: no stop head. p(stop) at a block's <eot> is the LM head's probability of the answer's first
+    token there, the same from the cache (the sampler) as in the packed forward; the reasoner loss trains the LM head
+    at <eot> on the next sentence's first token, or that token after the last real block."""
+    stop_token_id = tokenizer.convert_tokens_to_ids("answer")
+    model = build(tokenizer, seed=13, stop_token_id=stop_token_id, **TOKEN_POSTERIOR).double()
+    assert model.stop_head is None and model.stop_head_parameters() == []
+    linear = build(tokenizer, seed=13, **TOKEN_POSTERIOR)
+    assert len(linear.reasoner_parameters()) - len(model.reasoner_parameters()) == 2  # the head's weight and bias
+    with pytest.raises(ValueError, match="stop_token_id must be a token id of the base LM"):
+        build(tokenizer, stop_token_id=10**9, **TOKEN_POSTERIOR)
+
+    inputs = _packed_inputs(tokenizer)
+    batch = inputs["prompt_ids"].shape[0]
+    slot_token_ids = torch.randint(0, len(tokenizer), (batch, MAX_BLOCKS, L), generator=torch.Generator().manual_seed(4))
+    latents = model.latent_codebook()[slot_token_ids]
+    packed = model._packed_forward(inputs["prompt_ids"], inputs["prompt_mask"], latents, inputs["block_mask"],
+                                   answer_ids=inputs["answer_ids"], answer_mask=inputs["answer_mask"],
+                                   clean_slot_logits=True)
+    # an independent read of the LM head at each <eot>, from the sampler's cache
+    lm_head_logits = []
+    hook = model.language_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: lm_head_logits.append(logits))
+    context = model.prefill(inputs["prompt_ids"], inputs["prompt_mask"])
+    try:
+        for block in range(MAX_BLOCKS):
+            lm_head_logits.clear()
+            stop = model.append_block(context, latents[:, block], is_real=torch.ones(batch, dtype=torch.bool))
+            assert len(lm_head_logits) == 1
+            p_stop = lm_head_logits[0].softmax(-1)[:, stop_token_id]
+            assert 1e-6 < p_stop.min() and p_stop.max() < 1 - 1e-6  # a probability worth comparing
+            torch.testing.assert_close(stop.softmax(-1)[:, 1], p_stop, rtol=0, atol=1e-12)
+            torch.testing.assert_close(stop, packed["stop_logits"][:, block], rtol=0, atol=1e-9)
+    finally:
+        hook.remove()
+
+    # the loss: row 0 writes 3 blocks, row 1 two; with only the stop term weighted, the loss is the mean over real
+    # blocks of the next-token cross-entropy at <eot>, and the logged stop_loss the stop-or-not one
+    block_mask = torch.tensor([[True, True, True], [True, True, False]])
+    out = model._packed_forward(inputs["prompt_ids"], inputs["prompt_mask"], latents, block_mask,
+                                answer_ids=inputs["answer_ids"], answer_mask=inputs["answer_mask"],
+                                clean_slot_logits=True)
+    targets = [(0, 0, slot_token_ids[0, 1, 0]), (0, 1, slot_token_ids[0, 2, 0]), (0, 2, stop_token_id),
+               (1, 0, slot_token_ids[1, 1, 0]), (1, 1, stop_token_id)]
+    next_token_loss = sum(-out["eot_logits"][r, b].log_softmax(-1)[t] for r, b, t in targets) / len(targets)
+    is_last = [False, False, True, False, True]
+    stop_loss = sum(-out["stop_logits"][r, b].log_softmax(-1)[int(last)]
+                    for (r, b, _), last in zip(targets, is_last)) / len(targets)
+    losses = model.reasoner_loss(inputs["prompt_ids"], inputs["prompt_mask"], None, block_mask, inputs["answer_ids"],
+                                 inputs["answer_mask"], answer_weight=0.0, stop_weight=1.0, slot_token_weight=0.0,
+                                 slot_token_ids=slot_token_ids)
+    torch.testing.assert_close(losses["loss"], next_token_loss, rtol=1e-9, atol=0)
+    torch.testing.assert_close(losses["stop_loss"], stop_loss, rtol=1e-9, atol=0)
+    assert abs(next_token_loss - stop_loss) > 1.0  # the two losses differ: the test tells them apart
+
+
 @torch.no_grad()
 def test_rows_that_chose_the_answer_are_not_fed_again(tokenizer):
     """After half the rows stop at block 1, only the others are fed to the LM; the stopped rows' later blocks are
@@ -816,12 +873,14 @@ def test_a_static_cache_too_short_for_the_pass_says_so(tokenizer):
 # ------------------------------------------------------------------ save / load
 
 
-def test_save_and_load_round_trip(tokenizer, tmp_path):
-    model = build(tokenizer, "qwen2", seed=21)
+@pytest.mark.parametrize("stop_token_id", [None, 5])  # 5: the LM head decides when to answer, no stop head
+def test_save_and_load_round_trip(tokenizer, tmp_path, stop_token_id):
+    model = build(tokenizer, "qwen2", seed=21, stop_token_id=stop_token_id)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
     loaded = LaDiRModel.from_pretrained(tmp_path).eval()
     assert loaded.config.latent_dim == D and loaded.config.text_config.model_type == "qwen2"
+    assert loaded.config.stop_token_id == stop_token_id and (loaded.stop_head is None) == (stop_token_id is not None)
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert set(state) == set(loaded_state)
     for name, value in state.items():

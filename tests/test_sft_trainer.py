@@ -362,6 +362,26 @@ def test_reasoner_stage_warns_when_its_stop_head_has_not_learned(tmp_path, caplo
     assert trainer._stop_head_warning() is None
 
 
+def test_reasoner_stage_refuses_a_stop_token_its_answers_do_not_start_with(tmp_path):
+    """A model whose LM head decides when to answer (`stop_token_id`) must be trained on answers that start with that
+    token; otherwise the stage says which tokens they start with and how to build the model."""
+    tokenizer = make_tokenizer()
+    dataset = datasets.Dataset.from_dict(chain_rows())
+    wrong = tiny_ladir_model(tokenizer, seed=0, stop_token_id=tokenizer.convert_tokens_to_ids("answer"),
+                             **TINY_LADIR_SIZES)
+    wrong.config.latent_scaling_factor = 2.0  # as a VAE stage sets it (else the trainer warns)
+    with pytest.raises(ValueError, match=r"stop_token_id is \d+ \('answer'\).*start with the tokens \['the'\]"):
+        LaDiRSFTTrainer(model=wrong, args=sft_config(tmp_path, "reasoner"), train_dataset=dataset,
+                        processing_class=tokenizer)
+    # "the answer is {answer}" starts with "the" whatever the answer
+    right = tiny_ladir_model(tokenizer, seed=0, stop_token_id=tokenizer.convert_tokens_to_ids("the"), **TINY_LADIR_SIZES)
+    right.config.latent_scaling_factor = 2.0
+    LaDiRSFTTrainer(model=right, args=sft_config(tmp_path, "reasoner"), train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="start with the tokens"):  # an answer first: no fixed first token
+        LaDiRSFTTrainer(model=right, args=sft_config(tmp_path, "reasoner", answer_template="{answer} is the answer"),
+                        train_dataset=dataset, processing_class=tokenizer)
+
+
 def test_trainer_needs_a_ladir_model(tmp_path):
     tokenizer = make_tokenizer()
     language_model = tiny_causal_lm(tokenizer, seed=None)

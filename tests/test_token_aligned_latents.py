@@ -8,6 +8,7 @@ import datasets
 import pytest
 import torch
 from test_sft_trainer import (
+    ANSWER_TEMPLATE,
     TINY_LADIR_SIZES,
     answer_accuracy,
     chain_rows,
@@ -19,6 +20,7 @@ from test_sft_trainer import (
 
 from trl_ladi.data import split_reasoning_into_sentences
 from trl_ladi.modeling import REASONER_ADAPTER, tokenize_prompts
+from trl_ladi.pipeline import LaDiRPipeline
 from trl_ladi.testing import make_tokenizer, tiny_ladir_model
 from trl_ladi.trainers import LaDiRSFTConfig, LaDiRSFTTrainer
 from trl_ladi.trainers.sft_trainer import _pad_token_lists
@@ -260,6 +262,8 @@ def train_reasoner_stage(trained_vae, output_dir, seed, **config) -> dict:
     model = copy.deepcopy(trained_vae["model"])
     for name, value in config.items():
         setattr(model.config, name, value)
+    if model.config.stop_token_id is not None:
+        model.stop_head = None  # as a model built with it has none
     tokenizer, rows = trained_vae["tokenizer"], chain_rows()
     before = answer_accuracy(model, tokenizer, rows, seed=seed)
     trainer = LaDiRSFTTrainer(
@@ -333,6 +337,32 @@ def test_the_token_posterior_reasoner_learns_slot_tokens_that_its_sampled_latent
     before, after = token_posterior_reasoner["before"], token_posterior_reasoner["after"]
     margin.check("answer accuracy rise (sampled latents, 81 training prompts)", after - before, 0.1, ">",
                  context=(before, after))
+
+
+@pytest.fixture(scope="module")
+def answer_token_stop_reasoner(trained_vae, tmp_path_factory, statistical_seed):
+    stop_token_id = trained_vae["tokenizer"].convert_tokens_to_ids(ANSWER_TEMPLATE.split()[0])  # "the"
+    return train_reasoner_stage(trained_vae, tmp_path_factory.mktemp("answer-token-stop"), statistical_seed,
+                                velocity_parameterization="token_posterior", initial_noise_scale=1.0,
+                                stop_token_id=stop_token_id)
+
+
+@pytest.mark.statistical
+def test_a_reasoner_whose_lm_head_decides_when_to_answer_learns_to_stop(answer_token_stop_reasoner, margin):
+    """`LaDiRConfig.stop_token_id`: no stop head; the reasoner stage trains the LM head at each block's end to
+    predict the next sentence's first token or the answer's first token, and the sampler's stop decision (that
+    token's probability) then ends the traces after their two blocks, as the training traces end."""
+    stop_losses = [entry["stop_loss"] for entry in answer_token_stop_reasoner["logged"]]
+    model = answer_token_stop_reasoner["trainer"].model.eval()
+    assert model.stop_head is None and len(stop_losses) >= 3
+    # seeds 0-2 x 1-2 threads (AMD EPYC): last stop loss <= 0.012 (mean 0.0096), traces ending after 2 blocks MEASURE
+    margin.check("last logged stop loss (stop or not)", stop_losses[-1], 0.1, "<", context=stop_losses)
+    rows = chain_rows()
+    samples = LaDiRPipeline(model, answer_token_stop_reasoner["trainer"].processing_class).sample_answers(
+        rows["prompt"], generator=torch.Generator().manual_seed(0))
+    blocks = samples.trace.num_blocks
+    margin.check("share of sampled traces that answer after 2 blocks (81 training prompts)",
+                 (blocks == 2).float().mean().item(), 0.9, ">", context=blocks.tolist())
 
 
 def test_latent_blocks_read_back_as_the_tokens_of_their_codebook_rows():

@@ -134,6 +134,15 @@ class LaDiRConfig(PretrainedConfig):
             first the readout of slot ``j`` is the pretrained LM's next token after the slots before it, which the
             future slots' noise cannot disturb (measured on SmolLM2-135M: result digits 43% right from a clean prefix,
             against 18% when the prefix attends to noise; docs/sft.md).
+        stop_token_id (`int`, *optional*): how the reasoner decides to stop writing blocks and answer. ``None``
+            (default): a new linear stop head reads each block's ``<eot>`` (LaDiR). A token id, the first token of the
+            answer (``tokenizer.convert_tokens_to_ids("####")`` for ``"#### {answer}"``): the LM's own token head at
+            ``<eot>`` predicts what is written next, as a text model does at the end of a line: the answer's first
+            token (stop) or, with token-aligned latents, the next sentence's first token (its training target);
+            ``p(stop)`` is that token's probability. No new weights. Measured on SmolLM2-135M, `chain_sum`, at
+            benchmarks/ladir_quality.py's 300 s recipe (docs/sft.md): with the linear head, two of four training
+            seeds ended the reasoner stage with the stop loss at 0.06-0.12, near what the block index alone gives
+            (0.27); with the token head the same two ended at 0.011 and 0.0001.
         base_model_name_or_path (`str`, *optional*): the base LM's Hub id, when known (`from_base` records it). A local
             folder is never recorded: the config is what `push_to_hub` uploads, and a path of the machine that trained
             the model means nothing elsewhere (see `trl_ladi.default_model.base_model_hub_id`).
@@ -165,6 +174,7 @@ class LaDiRConfig(PretrainedConfig):
         velocity_parameterization: str = "direct",
         token_readout_temperature: float = 1.0,
         causal_denoiser: bool = False,
+        stop_token_id: int | None = None,
         base_model_name_or_path: str | None = None,
         **kwargs,
     ):
@@ -191,6 +201,7 @@ class LaDiRConfig(PretrainedConfig):
         self.velocity_parameterization = velocity_parameterization
         self.token_readout_temperature = token_readout_temperature
         self.causal_denoiser = causal_denoiser
+        self.stop_token_id = stop_token_id
         self.base_model_name_or_path = base_model_hub_id(base_model_name_or_path)
         if text_config is not None:  # the sub-config keeps where it was loaded from too: the same rule
             text_config.name_or_path = base_model_hub_id(text_config.name_or_path) or ""
@@ -247,6 +258,12 @@ class LaDiRConfig(PretrainedConfig):
                 "causal_denoiser=True reads each slot one position earlier, which is the token-readout velocity: set "
                 "velocity_parameterization='token_readout' (and token_aligned_latents=True), or causal_denoiser=False "
                 "(a 'token_posterior' denoiser attends causally already)."
+            )
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        if self.stop_token_id is not None and not 0 <= self.stop_token_id < (vocab_size or self.stop_token_id + 1):
+            raise ValueError(
+                f"stop_token_id must be a token id of the base LM (0 to {vocab_size - 1}), got {self.stop_token_id}: "
+                "pass the answer's first token, e.g. tokenizer.convert_tokens_to_ids('####'), or None for a stop head."
             )
 
 
@@ -511,7 +528,8 @@ class LaDiRModel(PreTrainedModel):
         self.reasoner_latent_in = nn.Linear(latent_dim, hidden_size)
         self.timestep_embedding = TimestepEmbedding(config.timestep_embedding_dim, hidden_size)
         self.velocity_head = AdaLNVelocityHead(hidden_size, latent_dim)
-        self.stop_head = nn.Linear(hidden_size, 2)
+        # with `stop_token_id` the LM's token head decides when to stop: no stop head
+        self.stop_head = nn.Linear(hidden_size, 2) if config.stop_token_id is None else None
         if config.causal_denoiser:
             # a noisy slot's latent, added at the position that reads it out (one earlier); zero at first
             self.denoiser_lookahead = nn.Linear(latent_dim, hidden_size)
@@ -765,7 +783,7 @@ class LaDiRModel(PreTrainedModel):
 
     def reasoner_parameters(self) -> list[nn.Parameter]:
         """What the reasoner stage trains: the shared reasoner parameters, the denoiser's own and the stop head."""
-        return self.shared_reasoner_parameters() + self.denoiser_parameters() + list(self.stop_head.parameters())
+        return self.shared_reasoner_parameters() + self.denoiser_parameters() + self.stop_head_parameters()
 
     def train_only(self, parameters: list[nn.Parameter]):
         """Freeze everything, then unfreeze ``parameters``."""
@@ -821,6 +839,19 @@ class LaDiRModel(PreTrainedModel):
 
     def _lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_output_embeddings()(hidden_states)
+
+    def _stop_logits_from_lm(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(..., V)`` next-token logits at ``<eot>`` -> ``(..., 2)`` stop logits (`LaDiRConfig.stop_token_id`):
+        "another block" is every token but the answer's first, ``log sum_{v != stop} exp(logit_v)``, and "answer" is
+        the answer's first token's logit, so ``softmax`` of the pair gives ``p(stop)`` = that token's probability."""
+        stop_token_id = self.config.stop_token_id
+        others = logits.clone()
+        others[..., stop_token_id] = float("-inf")
+        return torch.stack([others.logsumexp(-1), logits[..., stop_token_id]], -1)
+
+    def stop_head_parameters(self) -> list[nn.Parameter]:
+        """The linear stop head's weights; none when the LM's token head decides (`LaDiRConfig.stop_token_id`)."""
+        return [] if self.stop_head is None else list(self.stop_head.parameters())
 
     def _additive_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """Boolean ``(B, Q, K)`` allow-matrix -> the 4D additive float mask transformers expects."""
@@ -1092,7 +1123,11 @@ class LaDiRModel(PreTrainedModel):
         outputs = {}
         clean_start = prompt_length
         eot_hidden = hidden[:, clean_start + layout.eot : clean_start + num_blocks * width : width]
-        outputs["stop_logits"] = _float32_or_wider(self.stop_head(eot_hidden))
+        if self.config.stop_token_id is None:
+            outputs["stop_logits"] = _float32_or_wider(self.stop_head(eot_hidden))
+        else:
+            outputs["eot_logits"] = _float32_or_wider(self._lm_logits(eot_hidden))  # what is written next
+            outputs["stop_logits"] = self._stop_logits_from_lm(outputs["eot_logits"])
         if clean_slot_logits:
             if not self.causal_clean_blocks:
                 raise ValueError("clean_slot_logits needs causal clean blocks (velocity_parameterization='token_posterior').")
@@ -1265,10 +1300,19 @@ class LaDiRModel(PreTrainedModel):
         stop_target = (torch.arange(num_blocks, device=device)[None] == num_real - 1).long()
         stop_loss = F.cross_entropy(outputs["stop_logits"].transpose(1, 2), stop_target, reduction="none")
         stop_loss = (stop_loss * real_blocks).sum() / real_blocks.sum().clamp(min=1)
+        stop_training_loss = stop_loss
+        if "eot_logits" in outputs and slot_token_ids is not None:
+            # the LM's token head at <eot> learns what is written next, as text SFT learns it at a line's end: the
+            # next sentence's first token, or the answer's first token after the last block (the metric stays the
+            # stop-or-not cross-entropy above)
+            next_token = torch.cat([slot_token_ids[:, 1:, 0], slot_token_ids.new_zeros(batch, 1)], 1)
+            next_token = torch.where(stop_target.bool(), self.config.stop_token_id, next_token)
+            next_token_loss = F.cross_entropy(outputs["eot_logits"].transpose(1, 2), next_token, reduction="none")
+            stop_training_loss = (next_token_loss * real_blocks).sum() / real_blocks.sum().clamp(min=1)
         answer_token_loss = F.cross_entropy(outputs["answer_logits"].transpose(1, 2), answer_ids, reduction="none")
         answer_weights = answer_mask.float()
         answer_loss = (answer_token_loss * answer_weights).sum() / answer_weights.sum().clamp(min=1)
-        loss = loss + answer_weight * answer_loss + stop_weight * stop_loss
+        loss = loss + answer_weight * answer_loss + stop_weight * stop_training_loss
         metrics.update(answer_loss=answer_loss.detach(), stop_loss=stop_loss.detach())
         if token_readout:
             slot_loss = F.cross_entropy(outputs["slot_logits"].flatten(0, 2), slot_token_ids.flatten(), reduction="none")
@@ -1660,7 +1704,10 @@ class LaDiRModel(PreTrainedModel):
         context.key_is_prompt = torch.cat([context.key_is_prompt, torch.zeros_like(block_is_real)], 1)
         context.num_blocks += 1
         context.num_real_blocks = context.num_real_blocks + is_real.long()
-        return _float32_or_wider(self.stop_head(hidden[:, layout.eot]))
+        eot_hidden = hidden[:, layout.eot]
+        if self.config.stop_token_id is None:
+            return _float32_or_wider(self.stop_head(eot_hidden))
+        return self._stop_logits_from_lm(_float32_or_wider(self._lm_logits(eot_hidden)))
 
     def answer_step(self, context: ReasonerContext, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Feed the next answer position and return the next-token logits ``(R, V)`` (float32 or wider).

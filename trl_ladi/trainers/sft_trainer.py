@@ -114,6 +114,24 @@ class DataCollatorForLatentReasoner:
         return batch
 
 
+def check_stop_token(model: LaDiRModel, tokenizer, answer_template: str):
+    """A model whose LM head decides when to answer (`LaDiRConfig.stop_token_id`) predicts the answer's first token at
+    each block's end: every answer must start with that token."""
+    stop_token_id = model.config.stop_token_id
+    if stop_token_id is None:
+        return
+    starts = {tokenizer(answer_template.format(answer=answer), add_special_tokens=False)["input_ids"][0]
+              for answer in ("0", "42", "-7", "x")}
+    if starts != {stop_token_id}:
+        raise ValueError(
+            f"The model's stop_token_id is {stop_token_id} ({tokenizer.convert_ids_to_tokens(stop_token_id)!r}), but "
+            f"answers written with answer_template={answer_template!r} start with the tokens "
+            f"{tokenizer.convert_ids_to_tokens(sorted(starts))}. The reasoner learns to stop by predicting the answer's "
+            "first token: build the model with stop_token_id set to the first token of the template's fixed start "
+            "(e.g. tokenizer.convert_tokens_to_ids('####') for '#### {answer}'), or with stop_token_id=None."
+        )
+
+
 class LaDiRSFTTrainer(Trainer):
     """Trainer for the supervised LaDiR stages (`args.stage`: `"vae"`, then `"reasoner"`).
 
@@ -173,6 +191,7 @@ class LaDiRSFTTrainer(Trainer):
                     "(LaDiRSFTConfig(stage='vae')), which sets it so the reasoner sees unit-variance latents.",
                     stacklevel=2,
                 )
+            check_stop_token(model, processing_class, args.answer_template)
             # the encoder runs once over the whole dataset here (a token posterior skips it), on the training device
             model.to(args.device)
             data_collator = DataCollatorForLatentReasoner(processing_class, args.max_prompt_length)
