@@ -840,14 +840,17 @@ class LaDiRModel(PreTrainedModel):
     def _lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_output_embeddings()(hidden_states)
 
-    def _stop_logits_from_lm(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(..., V)`` next-token logits at ``<eot>`` -> ``(..., 2)`` stop logits (`LaDiRConfig.stop_token_id`):
-        "another block" is every token but the answer's first, ``log sum_{v != stop} exp(logit_v)``, and "answer" is
-        the answer's first token's logit, so ``softmax`` of the pair gives ``p(stop)`` = that token's probability."""
-        stop_token_id = self.config.stop_token_id
-        others = logits.clone()
-        others[..., stop_token_id] = float("-inf")
-        return torch.stack([others.logsumexp(-1), logits[..., stop_token_id]], -1)
+    def _stop_logits(self, eot_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``<eot>`` hidden states ``(..., H)`` -> stop logits ``(..., 2)`` ("another block", "answer"), and the LM's
+        next-token logits there ``(..., V)`` when it decides (`LaDiRConfig.stop_token_id`; else None). Then "another
+        block" is every token but the answer's first, ``log sum_{v != stop} exp(logit_v)``, and "answer" that token's
+        logit, so ``softmax`` of the pair gives ``p(stop)`` = that token's probability."""
+        if self.config.stop_token_id is None:
+            return _float32_or_wider(self.stop_head(eot_hidden)), None
+        token_logits = _float32_or_wider(self._lm_logits(eot_hidden))
+        others = token_logits.clone()
+        others[..., self.config.stop_token_id] = float("-inf")
+        return torch.stack([others.logsumexp(-1), token_logits[..., self.config.stop_token_id]], -1), token_logits
 
     def stop_head_parameters(self) -> list[nn.Parameter]:
         """The linear stop head's weights; none when the LM's token head decides (`LaDiRConfig.stop_token_id`)."""
@@ -1123,11 +1126,9 @@ class LaDiRModel(PreTrainedModel):
         outputs = {}
         clean_start = prompt_length
         eot_hidden = hidden[:, clean_start + layout.eot : clean_start + num_blocks * width : width]
-        if self.config.stop_token_id is None:
-            outputs["stop_logits"] = _float32_or_wider(self.stop_head(eot_hidden))
-        else:
-            outputs["eot_logits"] = _float32_or_wider(self._lm_logits(eot_hidden))  # what is written next
-            outputs["stop_logits"] = self._stop_logits_from_lm(outputs["eot_logits"])
+        outputs["stop_logits"], eot_logits = self._stop_logits(eot_hidden)
+        if eot_logits is not None:
+            outputs["eot_logits"] = eot_logits  # what is written next: the reasoner loss trains it
         if clean_slot_logits:
             if not self.causal_clean_blocks:
                 raise ValueError("clean_slot_logits needs causal clean blocks (velocity_parameterization='token_posterior').")
@@ -1704,10 +1705,7 @@ class LaDiRModel(PreTrainedModel):
         context.key_is_prompt = torch.cat([context.key_is_prompt, torch.zeros_like(block_is_real)], 1)
         context.num_blocks += 1
         context.num_real_blocks = context.num_real_blocks + is_real.long()
-        eot_hidden = hidden[:, layout.eot]
-        if self.config.stop_token_id is None:
-            return _float32_or_wider(self.stop_head(eot_hidden))
-        return self._stop_logits_from_lm(_float32_or_wider(self._lm_logits(eot_hidden)))
+        return self._stop_logits(hidden[:, layout.eot])[0]
 
     def answer_step(self, context: ReasonerContext, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Feed the next answer position and return the next-token logits ``(R, V)`` (float32 or wider).
