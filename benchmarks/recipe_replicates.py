@@ -12,8 +12,8 @@ training moves a recipe's scores.
 `ladir_quality.py` reports: a text SFT part that a report reused with `--text_sft_results` is not a training of that
 report and is skipped (list the report that trained it). Reports on other problems, sampled otherwise or trained with
 other settings are refused. `--text_sft_only REPORT ...` adds reports whose text SFT part only is pooled, e.g. a
-side-by-side report whose LaDiR part trained another LaDiR recipe (its LaDiR flags are not compared). For each recipe: every training's pass@k, their mean and standard deviation. Then LaDiR
-minus text SFT, in points:
+side-by-side report whose LaDiR part trained another LaDiR recipe (its LaDiR flags are not compared). For each recipe:
+every training's pass@k, their mean and standard deviation. Then LaDiR minus text SFT, in points:
 
 - `between_trainings`: the difference of the two means, with the standard error that the trainings' spread gives,
   sqrt(sd_ladir^2 / n_ladir + sd_text^2 / n_text): how sure the difference is on these problems;
@@ -46,7 +46,7 @@ def ladir_only_settings() -> set:
     parser = argparse.ArgumentParser()
     add_ladir_recipe_arguments(parser)
     shared = {"max_steps_per_stage", "decay_learning_rate"}  # text SFT reads these too
-    return {action.dest for action in parser._actions if action.dest != "help"} - shared
+    return set(vars(parser.parse_args([]))) - shared
 
 
 def parse_args():
