@@ -167,6 +167,13 @@ class ScriptArguments:
                   "five others lost 8-14 points; at 4 none of seeds 1-5 collapsed (44-57) (docs/quickstart.md, 'The "
                   "LaDiR start across seeds')."},
     )
+    stop_readout: str = field(
+        default="head",
+        metadata={"help": "How the reasoner decides to stop writing blocks and answer: 'head', a new linear stop head "
+                  "(LaDiR); 'answer_token', the LM's own token head predicting the answer's first token (the first "
+                  "token of --answer_template, LaDiRConfig.stop_token_id).",
+                  "choices": ["head", "answer_token"]},
+    )
     answer_template: str = field(
         default="#### {answer}",
         metadata={"help": "The answer text the reasoner learns to write after its latent blocks."},
@@ -293,6 +300,7 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         token_readout_temperature=script_args.token_readout_temperature,
         **({"initial_noise_scale": training_args.initial_noise_scale} if training_args.initial_noise_scale else {}),
         **({"num_denoise_steps": training_args.num_denoise_steps} if training_args.num_denoise_steps else {}),
+        stop_token_id=answer_start_token_id(script_args, tokenizer) if script_args.stop_readout == "answer_token" else None,
     )
     ladir_dir = os.path.join(training_args.output_dir, "ladir")
     for stage, steps in (("vae", script_args.vae_steps), ("reasoner", script_args.reasoner_steps)):
@@ -320,6 +328,12 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         trainer.train()
     trainer.save_model(ladir_dir)  # model (with its latent_scaling_factor) and tokenizer
     return ladir_dir
+
+
+def answer_start_token_id(script_args: ScriptArguments, tokenizer) -> int:
+    """The first token of an answer written with --answer_template (SmolLM2: `####`); the reasoner stage refuses a
+    template whose answers do not all start with it."""
+    return tokenizer(script_args.answer_template.format(answer=0), add_special_tokens=False)["input_ids"][0]
 
 
 def latent_tokens_per_block(script_args: ScriptArguments, train_dataset, tokenizer) -> int:

@@ -249,3 +249,18 @@ def test_math_example_stop_weight_reaches_the_reasoner_stage(tiny_base, tmp_path
     train, _ = module.load_math_data(script_args, training_args.seed)
     module.train_ladir(script_args, training_args, train)
     assert seen == {"vae": 5.5, "reasoner": 5.5}
+
+
+def test_math_example_answer_token_stop_readout_lets_the_lm_head_decide(tiny_base, tmp_path):
+    module = load_example("math")
+    script_args, training_args = module.make_parser().parse_args_and_config(
+        args=["--model_name_or_path", tiny_base, "--output_dir", str(tmp_path), *TINY_SIZES,
+              "--stop_readout", "answer_token"]
+    )
+    train, _ = module.load_math_data(script_args, training_args.seed)
+    ladir_dir = module.train_ladir(script_args, training_args, train)
+
+    tokenizer = make_tokenizer()
+    config = json.loads((Path(ladir_dir) / "config.json").read_text())
+    assert config["stop_token_id"] == tokenizer.convert_tokens_to_ids("####")
+    assert not any(name.startswith("stop_head.") for name in load_file(os.path.join(ladir_dir, "model.safetensors")))
