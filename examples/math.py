@@ -171,7 +171,10 @@ class ScriptArguments:
         default="head",
         metadata={"help": "How the reasoner decides to stop writing blocks and answer: 'head', a new linear stop head "
                   "(LaDiR); 'answer_token', the LM's own token head predicting the answer's first token (the first "
-                  "token of --answer_template, LaDiRConfig.stop_token_id).",
+                  "token of --answer_template, LaDiRConfig.stop_token_id). At this job's 80 reasoner steps the linear "
+                  "head learnt to stop sooner: at init seed 1 the token head's stop loss ended at 0.051 and pass@1 "
+                  "before RL at 24 points against the head's 57 (docs/quickstart.md, 'The stop decision read by the "
+                  "LM's token head').",
                   "choices": ["head", "answer_token"]},
     )
     answer_template: str = field(
