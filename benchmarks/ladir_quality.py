@@ -57,7 +57,12 @@ from trl_ladi.evaluation import (
 from trl_ladi.modeling import tokenize_prompts
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
-from trl_ladi.trainers.sft_trainer import DataCollatorForLatentReasoner, encode_sentences, slot_token_ids
+from trl_ladi.trainers.sft_trainer import (
+    DataCollatorForLatentReasoner,
+    answer_start_token_id,
+    encode_sentences,
+    slot_token_ids,
+)
 
 ANSWER_TEMPLATE = "#### {answer}"
 
@@ -171,11 +176,6 @@ def train_text_sft_start(args, base, tokenizer, train, budget_seconds: float) ->
     )
 
 
-def answer_start_token_id(tokenizer) -> int:
-    """The first token of an answer written with ANSWER_TEMPLATE (`####`)."""
-    return tokenizer(ANSWER_TEMPLATE.format(answer=0), add_special_tokens=False)["input_ids"][0]
-
-
 def train_ladir(args, base, tokenizer, train):
     model = LaDiRModel.from_base(
         base,
@@ -193,7 +193,7 @@ def train_ladir(args, base, tokenizer, train):
         timestep_shift=args.timestep_shift,
         initial_noise_scale=args.initial_noise_scale,
         initial_latent_logvar=args.initial_latent_logvar,
-        stop_token_id=answer_start_token_id(tokenizer) if args.stop_readout == "answer_token" else None,
+        stop_token_id=answer_start_token_id(tokenizer, ANSWER_TEMPLATE) if args.stop_readout == "answer_token" else None,
     )
     steps = {}
     stages = (("vae", args.vae_fraction, args.vae_learning_rate), ("reasoner", 1 - args.vae_fraction, args.reasoner_learning_rate))

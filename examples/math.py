@@ -66,6 +66,7 @@ from trl_ladi.hub import LADIRL_CARD_SETTINGS, push_ladir_model
 from trl_ladi.process_group import end_process_group
 from trl_ladi.rewards import math_accuracy_reward
 from trl_ladi.rewards.math import extract_final_answer
+from trl_ladi.trainers.sft_trainer import answer_start_token_id
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -303,7 +304,7 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         token_readout_temperature=script_args.token_readout_temperature,
         **({"initial_noise_scale": training_args.initial_noise_scale} if training_args.initial_noise_scale else {}),
         **({"num_denoise_steps": training_args.num_denoise_steps} if training_args.num_denoise_steps else {}),
-        stop_token_id=answer_start_token_id(script_args, tokenizer) if script_args.stop_readout == "answer_token" else None,
+        stop_token_id=answer_start_token_id(tokenizer, script_args.answer_template) if script_args.stop_readout == "answer_token" else None,
     )
     ladir_dir = os.path.join(training_args.output_dir, "ladir")
     for stage, steps in (("vae", script_args.vae_steps), ("reasoner", script_args.reasoner_steps)):
@@ -331,12 +332,6 @@ def train_ladir(script_args: ScriptArguments, training_args: LaDiRLConfig, train
         trainer.train()
     trainer.save_model(ladir_dir)  # model (with its latent_scaling_factor) and tokenizer
     return ladir_dir
-
-
-def answer_start_token_id(script_args: ScriptArguments, tokenizer) -> int:
-    """The first token of an answer written with --answer_template (SmolLM2: `####`); the reasoner stage refuses a
-    template whose answers do not all start with it."""
-    return tokenizer(script_args.answer_template.format(answer=0), add_special_tokens=False)["input_ids"][0]
 
 
 def latent_tokens_per_block(script_args: ScriptArguments, train_dataset, tokenizer) -> int:

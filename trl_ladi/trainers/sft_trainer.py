@@ -114,14 +114,19 @@ class DataCollatorForLatentReasoner:
         return batch
 
 
+def answer_start_token_id(tokenizer, answer_template: str, answer: str = "0") -> int:
+    """The first token of `answer` written with `answer_template` (`"#### {answer}"`: `####`), the
+    `LaDiRConfig.stop_token_id` of a model whose LM head decides when to answer."""
+    return tokenizer(answer_template.format(answer=answer), add_special_tokens=False)["input_ids"][0]
+
+
 def check_stop_token(model: LaDiRModel, tokenizer, answer_template: str):
     """A model whose LM head decides when to answer (`LaDiRConfig.stop_token_id`) predicts the answer's first token at
     each block's end: every answer must start with that token."""
     stop_token_id = model.config.stop_token_id
     if stop_token_id is None:
         return
-    starts = {tokenizer(answer_template.format(answer=answer), add_special_tokens=False)["input_ids"][0]
-              for answer in ("0", "42", "-7", "x")}
+    starts = {answer_start_token_id(tokenizer, answer_template, answer) for answer in ("0", "42", "-7", "x")}
     if starts != {stop_token_id}:
         raise ValueError(
             f"The model's stop_token_id is {stop_token_id} ({tokenizer.convert_ids_to_tokens(stop_token_id)!r}), but "
