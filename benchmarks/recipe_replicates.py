@@ -11,9 +11,11 @@ training moves a recipe's scores.
 (each `ladir_quality.py` line with the same recipe flags). It collects every training of each recipe in the given
 `ladir_quality.py` reports: a text SFT part that a report reused with `--text_sft_results` is not a training of that
 report and is skipped (list the report that trained it). Reports on other problems, sampled otherwise or trained with
-other settings are refused. `--text_sft_only REPORT ...` adds reports whose text SFT part only is pooled, e.g. a
-side-by-side report whose LaDiR part trained another LaDiR recipe (its LaDiR flags are not compared). For each recipe:
-every training's pass@k, their mean and standard deviation. Then LaDiR minus text SFT, in points:
+other settings are refused, but for the settings named with `--not_compared` (e.g. `budget_seconds` for a training
+given more time on a slower CPU so that it took about as many steps; each LaDiR training's steps are listed).
+`--text_sft_only REPORT ...` adds reports whose text SFT part only is pooled, e.g. a side-by-side report whose LaDiR
+part trained another LaDiR recipe (its LaDiR flags are not compared). For each recipe: every training's pass@k, their
+mean and standard deviation. Then LaDiR minus text SFT, in points:
 
 - `between_trainings`: the difference of the two means, with the standard error that the trainings' spread gives,
   sqrt(sd_ladir^2 / n_ladir + sd_text^2 / n_text): how sure the difference is on these problems;
@@ -55,14 +57,18 @@ def parse_args():
     parser.add_argument("--text_sft_only", nargs="+", default=[],
                         help="More reports on the same problems whose text SFT part only is pooled (their LaDiR part "
                              "trained another LaDiR recipe).")
+    parser.add_argument("--not_compared", nargs="+", default=[],
+                        help="More settings the reports may differ in, e.g. budget_seconds for a training given a "
+                             "longer budget on a slower CPU so that it took about as many steps as the others (each "
+                             "LaDiR training's steps are listed). The output records them.")
     parser.add_argument("--output", default="recipe_replicates.json")
     return parser.parse_args()
 
 
-def check_same_settings(reports, text_sft_only=frozenset()):
+def check_same_settings(reports, text_sft_only=frozenset(), not_compared=frozenset()):
     """Refuses reports whose problems, sampling or recipes differ (a setting missing from an older report is not
-    compared, but for LEGACY_SETTINGS); a report with no LaDiR part pooled (none, or in `text_sft_only`) is not
-    compared on the LaDiR recipe's flags."""
+    compared, but for LEGACY_SETTINGS; nor are those in `not_compared`); a report with no LaDiR part pooled (none, or
+    in `text_sft_only`) is not compared on the LaDiR recipe's flags."""
     ladir_only = ladir_only_settings()
 
     def pools_ladir(name, report):
@@ -72,7 +78,7 @@ def check_same_settings(reports, text_sft_only=frozenset()):
     first_name, first = next(((name, r) for name, r in reports if pools_ladir(name, r)), reports[0])
     first_settings = {**LEGACY_SETTINGS, **first["settings"]}
     for name, report in reports:
-        ignored = NOT_COMPARED | (set() if pools_ladir(name, report) else ladir_only)
+        ignored = NOT_COMPARED | set(not_compared) | (set() if pools_ladir(name, report) else ladir_only)
         its_settings = {**LEGACY_SETTINGS, **report["settings"]}
         for key in sorted(first_settings.keys() & its_settings.keys() - ignored):
             if first_settings[key] != its_settings[key]:
@@ -100,6 +106,7 @@ def collect_trainings(reports, recipe, text_sft_only=frozenset()):
             "report": name,
             "training_seed": training_seed,
             "correct_per_problem": report[recipe]["correct_per_problem"],
+            "steps": report.get("ladir_steps") if recipe == "ladir" else None,
         })
     return trainings
 
@@ -113,12 +120,17 @@ def standard_deviation(values):
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarize(reports, text_sft_only=frozenset()):
-    """`reports`: (name, report) pairs; `text_sft_only`: the names of those whose text SFT part only is pooled."""
-    check_same_settings(reports, text_sft_only)
+def summarize(reports, text_sft_only=frozenset(), not_compared=frozenset()):
+    """`reports`: (name, report) pairs; `text_sft_only`: the names of those whose text SFT part only is pooled;
+    `not_compared`: more settings they may differ in."""
+    for setting in not_compared:
+        if not any(setting in report["settings"] for _, report in reports):
+            raise ValueError(f"--not_compared {setting}: no report has that setting.")
+    check_same_settings(reports, text_sft_only, not_compared)
     num_samples = reports[0][1]["settings"]["num_samples"]
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= num_samples]
-    summary = {"num_samples": num_samples, "reports": [name for name, _ in reports]}
+    summary = {"num_samples": num_samples, "reports": [name for name, _ in reports],
+               "settings_not_compared": sorted(not_compared)}
     per_problem = {}  # recipe -> k -> each problem's pass@k averaged over the recipe's trainings
     for recipe in ("text_sft", "ladir"):
         trainings = collect_trainings(reports, recipe, text_sft_only)
@@ -127,8 +139,8 @@ def summarize(reports, text_sft_only=frozenset()):
         if len({len(t["correct_per_problem"]) for t in trainings}) != 1:
             raise ValueError(f"The {recipe} trainings were scored on different numbers of problems.")
         part = {"num_trainings": len(trainings), "mean": {}, "standard_deviation": {},
-                "trainings": [{"report": t["report"], "training_seed": t["training_seed"], "pass_at_k": {}}
-                              for t in trainings]}
+                "trainings": [{"report": t["report"], "training_seed": t["training_seed"], "pass_at_k": {},
+                               **({"steps": t["steps"]} if t["steps"] else {})} for t in trainings]}
         per_problem[recipe] = {}
         for k in ks:
             # one column of per-problem pass@k per training
@@ -170,7 +182,7 @@ def main():
             reports.append((name, json.load(f)))
         if path in args.text_sft_only:
             text_sft_only.add(name)
-    summary = summarize(reports, text_sft_only)
+    summary = summarize(reports, text_sft_only, set(args.not_compared))
     summary["text_sft_only"] = sorted(text_sft_only)
     with open(args.output, "w") as f:
         json.dump(summary, f, indent=2)
@@ -178,8 +190,10 @@ def main():
     print("recipe   training seed   " + "  ".join(f"{k:>8}" for k in ks))
     for recipe in ("text_sft", "ladir"):
         for training in summary[recipe]["trainings"]:
+            steps = training.get("steps")
             print(f"{recipe:8} {training['training_seed']!s:>13}   "
-                  + "  ".join(f"{training['pass_at_k'][k]:8.1f}" for k in ks))
+                  + "  ".join(f"{training['pass_at_k'][k]:8.1f}" for k in ks)
+                  + (f"   steps {steps}" if steps else ""))
         print(f"{recipe:8} {'mean':>13}   " + "  ".join(f"{summary[recipe]['mean'][k]:8.1f}" for k in ks))
     for name, part in summary["ladir_minus_text_sft"].items():
         print(f"LaDiR minus text SFT, {name}: " + ", ".join(

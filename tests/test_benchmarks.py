@@ -59,8 +59,8 @@ def test_reproduce_writes_every_model_and_k(reproduce_output):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
-    result = run_reproduce("--preset", "gpu", "--print_config", cwd=tmp_path)
+def test_presets_resolve_and_bad_sizes_are_refused(tmp_path, monkeypatch, capsys):
+    result = run_reproduce("--preset", "gpu", "--print_config", cwd=tmp_path)  # the command line, once
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert config["model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct" and config["num_test_examples"] >= 256
@@ -68,17 +68,22 @@ def test_presets_resolve_and_bad_sizes_are_refused(tmp_path):
     # arm B starts from the main job's LaDiR recipe, which has no velocity head to train
     assert config["velocity_parameterization"] == "token_posterior" and config["token_aligned_latents"]
     assert config["latent_policy_parameters"] == ["denoiser_adapter"]
-    result = run_reproduce("--preset", "cpu", "--rl_steps", "3", "--no-token_aligned_latents", "--print_config",
-                           cwd=tmp_path)
-    config = json.loads(result.stdout)
+
+    # the rest in this process: each launch of the script spends most of its time importing torch and TRL
+    reproduce = import_benchmark("reproduce")
+    monkeypatch.chdir(tmp_path)
+    reproduce.main(["--preset", "cpu", "--rl_steps", "3", "--no-token_aligned_latents", "--print_config"])
+    config = json.loads(capsys.readouterr().out)
     assert config["rl_steps"] == 3 and not config["token_aligned_latents"]  # a flag overrides its preset
-    result = run_reproduce("--preset", "tiny", "--num_samples", "3", "--eval_decodes_per_latent", "2", cwd=tmp_path)
-    assert result.returncode != 0 and "must be a multiple of --eval_decodes_per_latent" in result.stderr
-    result = run_reproduce("--preset", "tiny", "--latent_kl_beta", "-0.1", cwd=tmp_path)
-    assert result.returncode != 0 and "--latent_kl_beta must be >= 0" in result.stderr
-    result = run_reproduce("--preset", "tiny", "--prompts_per_step", "3", "--gradient_accumulation_steps", "2",
-                           cwd=tmp_path)
-    assert result.returncode != 0 and "must be a multiple of --gradient_accumulation_steps" in result.stderr
+    for argv, message in [
+        (["--num_samples", "3", "--eval_decodes_per_latent", "2"], "must be a multiple of --eval_decodes_per_latent"),
+        (["--latent_kl_beta", "-0.1"], "--latent_kl_beta must be >= 0"),
+        (["--prompts_per_step", "3", "--gradient_accumulation_steps", "2"],
+         "must be a multiple of --gradient_accumulation_steps"),
+    ]:
+        with pytest.raises(SystemExit) as refused:
+            reproduce.main(["--preset", "tiny", *argv])
+        assert refused.value.code != 0 and message in capsys.readouterr().err, argv
     assert not (tmp_path / "outputs").exists()  # refused before anything was written
 
 
@@ -182,12 +187,13 @@ def test_gpu_step_dry_run(tmp_path):
     assert vs_grpo["ratio_ladirl_over_grpo"]["answers_per_second"] > 0
 
 
-def test_reproduce_reuses_starts_and_refuses_other_settings(reproduce_output, tmp_path):
+def test_reproduce_reuses_starts_and_refuses_other_settings(reproduce_output, tmp_path, monkeypatch):
     """`--start_dir`: RL again from an earlier run's supervised starts, which evaluate exactly as they did there."""
-    result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--num_train_examples", "32",
-                           "--output_dir", str(tmp_path / "refused"), cwd=tmp_path)
-    assert result.returncode != 0 and "was trained with other settings" in result.stderr
-    assert "--num_train_examples: 16 there, 32 here" in result.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="was trained with other settings") as refused:  # in this process: no launch
+        import_benchmark("reproduce").main(["--preset", "tiny", "--start_dir", str(reproduce_output),
+                                            "--num_train_examples", "32", "--output_dir", str(tmp_path / "refused")])
+    assert "--num_train_examples: 16 there, 32 here" in str(refused.value)
     assert not (tmp_path / "refused").exists()  # refused before anything was written
 
     result = run_reproduce("--preset", "tiny", "--start_dir", str(reproduce_output), "--ladirl_learning_rate", "1e-2",
@@ -460,6 +466,16 @@ def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):
         "settings": {**settings, "training_seed": 7, "budget_seconds": 600}}))
     with pytest.raises(ValueError, match="budget_seconds"):
         recipe_replicates.summarize(reports)
+    # ...unless the caller says the budget may differ (a slower CPU given more time for the same steps): then pooled,
+    # each LaDiR training with its steps, and the output says what was not compared
+    reports[-1][1]["ladir_steps"] = {"vae": 2, "reasoner": 75}
+    scaled = recipe_replicates.summarize(reports, not_compared={"budget_seconds"})
+    assert [t["training_seed"] for t in scaled["ladir"]["trainings"]] == [5, 105, 7]
+    assert scaled["ladir"]["trainings"][-1]["steps"] == {"vae": 2, "reasoner": 75}
+    assert scaled["settings_not_compared"] == ["budget_seconds"]
+    with pytest.raises(ValueError, match="no report has that setting"):
+        recipe_replicates.summarize(reports, not_compared={"budget_secs"})
+    reports.pop()
 
     # LaDiR trained with another stop readout: not pooled with reports from before the flag (a stop head)...
     new_stop = ("new_stop", {"settings": {**settings, "training_seed": 205, "stop_readout": "answer_token",

@@ -4,15 +4,22 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+CPU_MEMORY_MODULE = Path(__file__).resolve().parent.parent / "trl_ladi" / "cpu_memory.py"
+
 # Allocates 48 blocks of 8 MiB, writes them, frees them, and prints the resident memory growth before and after the
 # free, in MiB. glibc maps blocks this size on their own and unmaps them when freed, unless its thresholds are raised.
+# The module is loaded from its file, not through the trl_ladi package, whose import (TRL, transformers) takes most of a
+# probe's time; it needs nothing of the package.
 PROBE = """
-import sys, psutil, torch
-from trl_ladi.cpu_memory import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+import importlib.util, sys, psutil, torch
+spec = importlib.util.spec_from_file_location("cpu_memory", sys.argv[2])
+cpu_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cpu_memory)
+kept = cpu_memory.keep_freed_memory() if sys.argv[1] == "keep" else None
 rss = lambda: psutil.Process().memory_info().rss / 2**20
 start = rss()
 blocks = [torch.ones(2 * 2**20) for _ in range(48)]
@@ -29,7 +36,7 @@ glibc_linux = pytest.mark.skipif(
 def probe(mode: str, **environment) -> tuple[str, float, float]:
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("MALLOC_", "GLIBC_TUNABLES", "TRL_LADI_KEEP_FREED_MEMORY"))}
-    result = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", PROBE, mode, str(CPU_MEMORY_MODULE)], capture_output=True, text=True, timeout=120,
                             env={**env, **environment})
     assert result.returncode == 0, result.stderr[-2000:]
     kept, held, after_free = result.stdout.split()
