@@ -36,8 +36,8 @@ glibc_linux = pytest.mark.skipif(
 def probe(mode: str, **environment) -> tuple[str, float, float]:
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("MALLOC_", "GLIBC_TUNABLES", "TRL_LADI_KEEP_FREED_MEMORY"))}
-    result = subprocess.run([sys.executable, "-c", PROBE, mode, str(CPU_MEMORY_MODULE)], capture_output=True, text=True, timeout=120,
-                            env={**env, **environment})
+    result = subprocess.run([sys.executable, "-c", PROBE, mode, str(CPU_MEMORY_MODULE)], capture_output=True,
+                            text=True, timeout=120, env={**env, **environment})
     assert result.returncode == 0, result.stderr[-2000:]
     kept, held, after_free = result.stdout.split()
     return kept, float(held), float(after_free)
