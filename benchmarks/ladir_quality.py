@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig
 
@@ -147,8 +148,8 @@ def parse_args():
                         help="(c) again with the same model, a token posterior's slots drawn from its prior (the end "
                              "point of its denoising steps, in one step), under `ladir_slots_from_prior` in the JSON.")
     parser.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=True,
-                        help="(a), (a2), (b), (b2) and (b3) of the LaDiR model: --no-diagnostics scores only its "
-                             "pass@k, for a recipe trained again.")
+                        help="(a), (a2), (b), (b2) and (b3) of the LaDiR model: --no-diagnostics leaves them out, "
+                             "for a recipe trained again (with --no-block_breakdown too, only its pass@k is scored).")
     parser.add_argument("--block_breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="(c2) for a token posterior. It samples as many traces again as (c): "
                              "--no-block_breakdown halves the LaDiR evaluation's time.")
@@ -438,7 +439,7 @@ def sampled_block_breakdown(model, tokenizer, test, num_latents=4, batch_size=8,
     generator = torch.Generator(device=model.device).manual_seed(seed)
     counts = {"traces": 0, "blocks_right": 0, "answer_right_blocks_right": 0, "answer_right_blocks_wrong": 0}
     first_wrong_block = [0] * model.config.max_blocks
-    for start in range(0, len(test), batch_size):
+    for start in tqdm(range(0, len(test), batch_size), desc="(c2) sampled blocks", unit="batch"):
         rows = [test[i] for i in range(start, min(start + batch_size, len(test)))]
         out = pipeline.sample_answers([row["prompt"] for row in rows], num_latents=num_latents, generator=generator,
                                       **sampling_kwargs)
