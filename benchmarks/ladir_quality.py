@@ -8,7 +8,8 @@
 Both recipes train from the same base model on the same training problems for `--budget_seconds` of wall-clock time
 each, one after the other in this process (the LaDiR recipe splits its budget between the VAE and the reasoner
 stage); after a 10-step warm-up their learning rates fall linearly with the time spent, to 0 at the end of the budget
-(`--no-decay_learning_rate`: constant). Each recipe's training starts from `--training_seed` (default `--seed`: the
+(`--no-decay_learning_rate`: constant; `--ladir_step_budget`: the LaDiR stages take set numbers of steps instead, to
+repeat another machine's training). Each recipe's training starts from `--training_seed` (default `--seed`: the
 problems and the evaluation's samples), so one recipe trains the same way with or without the other before it, and a
 second `--training_seed` measures how much one training of a recipe moves its scores on the same problems
 (`recipe_replicates.py` pools such reports). Then, on `--num_test_examples` held-out problems:
@@ -45,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig
 
 from trl_ladi import LaDiRModel, LaDiRPipeline, LaDiRSFTConfig, LaDiRSFTTrainer
-from trl_ladi.baselines import WallClockBudgetCallback, train_text_sft
+from trl_ladi.baselines import StepBudgetCallback, WallClockBudgetCallback, train_text_sft
 from trl_ladi.data import load_math_dataset, split_reasoning_into_sentences
 from trl_ladi.default_model import default_model_path
 from trl_ladi.evaluation import (
@@ -79,6 +80,11 @@ def add_ladir_recipe_arguments(parser):
                             "with the time spent, to 0 at the end of the budget (docs/sft.md: at a constant rate the "
                             "reasoner ends wherever its last noisy steps put it).")
     group.add_argument("--vae_fraction", type=float, default=0.5, help="Share of the LaDiR budget for the VAE.")
+    group.add_argument("--ladir_step_budget", type=int, nargs=2, metavar=("VAE_STEPS", "REASONER_STEPS"),
+                       help="Instead of the wall-clock budget, a budget of optimizer steps per LaDiR stage, the "
+                            "learning rate falling with the steps taken as it does with the time spent: to repeat the "
+                            "steps that the budget gave a training on a faster or slower machine (recipe_replicates.py "
+                            "--not_compared budget_seconds ladir_step_budget pools the two).")
     group.add_argument("--latent_tokens_per_block", type=int, default=4)
     group.add_argument("--latent_dim", type=int, default=128)
     group.add_argument("--lora_rank", type=int, default=16)
@@ -198,11 +204,15 @@ def train_ladir(args, base, tokenizer, train):
     )
     steps = {}
     stages = (("vae", args.vae_fraction, args.vae_learning_rate), ("reasoner", 1 - args.vae_fraction, args.reasoner_learning_rate))
-    for stage, fraction, learning_rate in stages:
+    for index, (stage, fraction, learning_rate) in enumerate(stages):
+        if args.ladir_step_budget:
+            budget = StepBudgetCallback(args.ladir_step_budget[index], args.decay_learning_rate)
+        else:
+            budget = WallClockBudgetCallback(args.budget_seconds * fraction, args.decay_learning_rate)
         stage_args = LaDiRSFTConfig(
             output_dir=os.path.join(args.output_dir, f"ladir-{stage}"),
             stage=stage,
-            max_steps=args.max_steps_per_stage,  # unless the wall-clock budget stops it first
+            max_steps=args.max_steps_per_stage,  # unless its budget stops it first
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=64,  # the reasoner stage's encoder pass (none for a token posterior)
             learning_rate=learning_rate,
@@ -225,7 +235,7 @@ def train_ladir(args, base, tokenizer, train):
         )
         trainer = LaDiRSFTTrainer(
             model=model, args=stage_args, train_dataset=train, processing_class=tokenizer,
-            callbacks=[WallClockBudgetCallback(args.budget_seconds * fraction, args.decay_learning_rate)],
+            callbacks=[budget],
         )
         trainer.train()
         steps[stage] = trainer.state.global_step

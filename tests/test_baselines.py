@@ -65,17 +65,17 @@ def test_text_sft_lowers_the_completion_loss_and_saves_a_loadable_model(tmp_path
 def test_wall_clock_budget_stops_training_once_the_time_is_spent():
     import time
 
-    from transformers import TrainerControl
+    from transformers import TrainerControl, TrainerState
 
     from trl_ladi.baselines import WallClockBudgetCallback
 
     callback = WallClockBudgetCallback(seconds=0.2)
-    control = TrainerControl()
-    callback.on_train_begin(None, None, control)
-    callback.on_step_end(None, None, control)
+    control, state = TrainerControl(), TrainerState()
+    callback.on_train_begin(None, state, control)
+    callback.on_step_end(None, state, control)
     assert not control.should_training_stop  # well inside the budget
     time.sleep(0.25)
-    callback.on_step_end(None, None, control)
+    callback.on_step_end(None, state, control)
     assert control.should_training_stop
     with pytest.raises(ValueError, match="seconds must be > 0"):
         WallClockBudgetCallback(0)
@@ -83,7 +83,7 @@ def test_wall_clock_budget_stops_training_once_the_time_is_spent():
 
 def test_wall_clock_budget_decays_the_learning_rate_linearly_in_the_time_spent(monkeypatch):
     import torch
-    from transformers import TrainerControl
+    from transformers import TrainerControl, TrainerState
     from transformers.optimization import get_constant_schedule_with_warmup
 
     import trl_ladi.baselines as baselines
@@ -94,16 +94,17 @@ def test_wall_clock_budget_decays_the_learning_rate_linearly_in_the_time_spent(m
     optimizer = torch.optim.SGD([parameter], lr=0.1)
     scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=2)
     callback = baselines.WallClockBudgetCallback(seconds=10.0, decay_learning_rate=True)
-    control = TrainerControl()
-    callback.on_train_begin(None, None, control)
+    control, state = TrainerControl(), TrainerState()
+    callback.on_train_begin(None, state, control)
     learning_rates = []
     for elapsed in (1.0, 2.0, 5.0, 9.0, 10.0):  # the time at each step's scheduler update
-        callback.on_step_begin(None, None, control, lr_scheduler=scheduler)
+        callback.on_step_begin(None, state, control, lr_scheduler=scheduler)
         optimizer.step()
         now[0] = 100.0 + elapsed
         scheduler.step()
+        state.global_step += 1
         learning_rates.append(optimizer.param_groups[0]["lr"])
-        callback.on_step_end(None, None, control)
+        callback.on_step_end(None, state, control)
     # warm-up (steps 1, 2 of 2) times the unspent share of the budget, never compounded across steps
     expected = [0.1 * 0.5 * 0.9, 0.1 * 1.0 * 0.8, 0.1 * 0.5, 0.1 * 0.1, 0.0]
     assert learning_rates == pytest.approx(expected, abs=1e-12)
@@ -112,6 +113,37 @@ def test_wall_clock_budget_decays_the_learning_rate_linearly_in_the_time_spent(m
 
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
     other = baselines.WallClockBudgetCallback(seconds=10.0, decay_learning_rate=True)
-    other.on_train_begin(None, None, control)
+    other.on_train_begin(None, state, control)
     with pytest.raises(TypeError, match="scales a LambdaLR schedule.*decay_learning_rate=False"):
-        other.on_step_begin(None, None, control, lr_scheduler=plateau)
+        other.on_step_begin(None, state, control, lr_scheduler=plateau)
+
+
+def test_step_budget_stops_after_its_steps_and_decays_the_learning_rate_with_the_steps_taken():
+    import torch
+    from transformers import TrainerControl, TrainerState
+    from transformers.optimization import get_constant_schedule_with_warmup
+
+    from trl_ladi.baselines import StepBudgetCallback
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=2)
+    callback = StepBudgetCallback(steps=4, decay_learning_rate=True)
+    control, state = TrainerControl(), TrainerState()
+    callback.on_train_begin(None, state, control)
+    learning_rates, stopped_after = [], None
+    for step in range(1, 7):  # as the trainer does: step, schedule, callbacks; it stops when told to
+        callback.on_step_begin(None, state, control, lr_scheduler=scheduler)
+        optimizer.step()
+        scheduler.step()
+        state.global_step = step
+        learning_rates.append(optimizer.param_groups[0]["lr"])
+        callback.on_step_end(None, state, control)
+        if control.should_training_stop:
+            stopped_after = step
+            break
+    assert stopped_after == 4
+    # the rate of the step after `s` steps: warm-up (s of 2) times the unspent share 1 - s / 4, never compounded
+    assert learning_rates == pytest.approx([0.1 * 0.5 * 0.75, 0.1 * 1.0 * 0.5, 0.1 * 0.25, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="steps must be > 0"):
+        StepBudgetCallback(0)

@@ -416,11 +416,14 @@ def test_ladir_quality_trains_each_recipe_from_its_training_seed(tmp_path):
     both = report("both", "--training_seed", "3")
     alone = report("alone", "--training_seed", "3", "--recipes", "ladir")
     other = report("other", "--training_seed", "4", "--recipes", "ladir")
+    # a budget of steps per stage instead of seconds stops each stage after its steps
+    by_steps = report("by_steps", "--training_seed", "3", "--recipes", "ladir", "--ladir_step_budget", "1", "2")
     assert both["text_sft"]["num_problems"] == 3 and "ladir_minus_text_sft" in both
     assert "text_sft" not in alone and "ladir_minus_text_sft" not in alone and "vae" not in alone
     # the same LaDiR model and samples whether text SFT trained first or not; another seed, other latents
     assert alone["ladir"]["latent_diversity_mean"] == both["ladir"]["latent_diversity_mean"]
     assert other["ladir"]["latent_diversity_mean"] != alone["ladir"]["latent_diversity_mean"]
+    assert alone["ladir_steps"] == {"vae": 3, "reasoner": 3} and by_steps["ladir_steps"] == {"vae": 1, "reasoner": 2}
 
 
 def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):

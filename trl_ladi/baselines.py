@@ -74,48 +74,74 @@ def train_text_sft(
     return args.output_dir
 
 
-class WallClockBudgetCallback(TrainerCallback):
-    """Stops training once `seconds` of wall-clock time have passed since training began (checked after each
-    optimizer step), so that two recipes can be compared at the same time budget rather than the same step count.
-    Set `max_steps` above what the budget allows and a schedule that does not depend on it (e.g. constant).
+class BudgetCallback(TrainerCallback):
+    """Stops training once its budget is spent (checked after each optimizer step) and, with
+    `decay_learning_rate=True`, makes the learning rate fall linearly with the budget spent, to 0 at its end: the
+    trainer's schedule (its warm-up, say) is multiplied by `remaining_fraction`. A step-count schedule cannot do this
+    when the number of steps a wall-clock budget allows is unknown, and a constant rate leaves the weights wherever the
+    last noisy step put them. It needs a `LambdaLR` schedule, which every `lr_scheduler_type` but
+    `reduce_lr_on_plateau` and DeepSpeed's own schedulers gives. Subclasses say what the budget counts."""
 
-    With `decay_learning_rate=True` the learning rate also falls linearly with the time spent, to 0 at the end of the
-    budget: the trainer's schedule (its warm-up, say) is multiplied by `1 - elapsed / seconds`. A step-count schedule
-    cannot do this when the number of steps the budget allows is unknown, and a constant rate leaves the weights
-    wherever the last noisy step put them. It needs a `LambdaLR` schedule, which every `lr_scheduler_type` but
-    `reduce_lr_on_plateau` and DeepSpeed's own schedulers gives."""
-
-    def __init__(self, seconds: float, decay_learning_rate: bool = False):
-        if seconds <= 0:
-            raise ValueError(f"seconds must be > 0, got {seconds}.")
-        self.seconds = seconds
+    def __init__(self, decay_learning_rate: bool = False):
         self.decay_learning_rate = decay_learning_rate
-        self.start_time = None
         self._decaying_scheduler = None
 
-    def remaining_fraction(self) -> float:
-        """The share of the budget not yet spent, in [0, 1]."""
-        return max(0.0, 1.0 - (time.perf_counter() - self.start_time) / self.seconds)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start_time = time.perf_counter()
+    def remaining_fraction(self, step: int) -> float:
+        """The share of the budget not yet spent, in [0, 1], after `step` optimizer steps."""
+        raise NotImplementedError
 
     def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if not self.decay_learning_rate or lr_scheduler is self._decaying_scheduler:
             return
         if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
             raise TypeError(
-                "WallClockBudgetCallback(decay_learning_rate=True) scales a LambdaLR schedule, but the trainer's is "
+                f"{type(self).__name__}(decay_learning_rate=True) scales a LambdaLR schedule, but the trainer's is "
                 f"{type(lr_scheduler).__name__}. Use an lr_scheduler_type such as 'constant_with_warmup', or "
                 "decay_learning_rate=False."
             )
         # LambdaLR sets lr = base_lr * lambda(step) at every step, so the factor is applied once, never compounded
-        lr_scheduler.lr_lambdas = [self._time_decayed(factor) for factor in lr_scheduler.lr_lambdas]
+        lr_scheduler.lr_lambdas = [self._decayed(factor) for factor in lr_scheduler.lr_lambdas]
         self._decaying_scheduler = lr_scheduler
 
-    def _time_decayed(self, factor):
-        return lambda step: factor(step) * self.remaining_fraction()
+    def _decayed(self, factor):
+        # `step`: the steps taken when the scheduler sets the rate of the next one
+        return lambda step: factor(step) * self.remaining_fraction(step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.remaining_fraction() == 0.0:
+        if self.remaining_fraction(state.global_step) == 0.0:
             control.should_training_stop = True
+
+
+class WallClockBudgetCallback(BudgetCallback):
+    """A budget of `seconds` of wall-clock time from the start of training, so that two recipes can be compared at the
+    same time budget rather than the same step count. Set `max_steps` above what the budget allows and a schedule that
+    does not depend on it (e.g. constant). With `decay_learning_rate=True` the learning rate falls linearly with the
+    time spent (`1 - elapsed / seconds`)."""
+
+    def __init__(self, seconds: float, decay_learning_rate: bool = False):
+        if seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}.")
+        super().__init__(decay_learning_rate)
+        self.seconds = seconds
+        self.start_time = None
+
+    def remaining_fraction(self, step: int) -> float:
+        return max(0.0, 1.0 - (time.perf_counter() - self.start_time) / self.seconds)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time = time.perf_counter()
+
+
+class StepBudgetCallback(BudgetCallback):
+    """A budget of `steps` optimizer steps, spent as `WallClockBudgetCallback` spends its seconds (the learning rate
+    falling as `1 - steps taken / steps`): it repeats the number of steps that a wall-clock budget gave a training on
+    another machine, where the same seconds would give more or fewer steps."""
+
+    def __init__(self, steps: int, decay_learning_rate: bool = False):
+        if steps <= 0:
+            raise ValueError(f"steps must be > 0, got {steps}.")
+        super().__init__(decay_learning_rate)
+        self.steps = steps
+
+    def remaining_fraction(self, step: int) -> float:
+        return max(0.0, 1.0 - step / self.steps)
