@@ -8,11 +8,12 @@
 Both recipes train from the same base model on the same training problems for `--budget_seconds` of wall-clock time
 each, one after the other in this process (the LaDiR recipe splits its budget between the VAE and the reasoner
 stage); after a 10-step warm-up their learning rates fall linearly with the time spent, to 0 at the end of the budget
-(`--no-decay_learning_rate`: constant; `--ladir_step_budget`: the LaDiR stages take set numbers of steps instead, to
-repeat another machine's training). Each recipe's training starts from `--training_seed` (default `--seed`: the
-problems and the evaluation's samples), so one recipe trains the same way with or without the other before it, and a
-second `--training_seed` measures how much one training of a recipe moves its scores on the same problems
-(`recipe_replicates.py` pools such reports). Then, on `--num_test_examples` held-out problems:
+(`--no-decay_learning_rate`: constant; `--ladir_step_budget` and `--text_sft_step_budget`: a recipe takes set numbers
+of steps instead, to repeat another machine's training; the report records each recipe's steps). Each recipe's
+training starts from `--training_seed` (default `--seed`: the problems and the evaluation's samples), so one recipe
+trains the same way with or without the other before it, and a second `--training_seed` measures how much one
+training of a recipe moves its scores on the same problems (`recipe_replicates.py` pools such reports). Then, on
+`--num_test_examples` held-out problems:
 
 (a) VAE: greedy reconstruction of the held-out reasoning sentences from their latent means (exact match, and the share
     of target tokens the greedy decode gets right at their position);
@@ -46,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig
 
 from trl_ladi import LaDiRModel, LaDiRPipeline, LaDiRSFTConfig, LaDiRSFTTrainer
-from trl_ladi.baselines import StepBudgetCallback, WallClockBudgetCallback, train_text_sft
+from trl_ladi.baselines import BudgetCallback, StepBudgetCallback, WallClockBudgetCallback, train_text_sft
 from trl_ladi.data import load_math_dataset, split_reasoning_into_sentences
 from trl_ladi.default_model import default_model_path
 from trl_ladi.evaluation import (
@@ -138,6 +139,10 @@ def parse_args():
     parser.add_argument("--output_dir", default="outputs/ladir-quality")
     # text SFT (the reference): full fine-tuning, as in research/task-difficulty.md
     parser.add_argument("--text_sft_learning_rate", type=float, default=5e-5)
+    parser.add_argument("--text_sft_step_budget", type=int, default=None, metavar="STEPS",
+                        help="Instead of the wall-clock budget, a budget of optimizer steps for text SFT, spent as "
+                             "--ladir_step_budget spends the LaDiR stages' (recipe_replicates.py --not_compared "
+                             "budget_seconds text_sft_step_budget pools it with wall-clock trainings).")
     parser.add_argument("--text_sft_results", default=None,
                         help="A previous report's JSON on the same problems: reuse its text-SFT part, not trained again.")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -167,10 +172,10 @@ def parse_args():
     return args
 
 
-def train_text_sft_start(args, base, tokenizer, train, budget_seconds: float) -> str:
-    """The text-SFT reference: every weight fine-tuned on the worked steps then `#### N` for `budget_seconds` of wall
-    clock (the rate decaying with the time spent under `--decay_learning_rate`); returns its folder,
-    `<output_dir>/text-sft`. reproduce.py trains its arm A start with it."""
+def train_text_sft_start(args, base, tokenizer, train, budget: BudgetCallback) -> str:
+    """The text-SFT reference: every weight fine-tuned on the worked steps then `#### N` until `budget` (seconds of
+    wall clock or optimizer steps) is spent, the rate decaying with it under `--decay_learning_rate`; returns its
+    folder, `<output_dir>/text-sft`. reproduce.py trains its arm A start with it."""
     on_gpu = torch.cuda.is_available()
     return train_text_sft(
         base, train,
@@ -179,7 +184,7 @@ def train_text_sft_start(args, base, tokenizer, train, budget_seconds: float) ->
                   warmup_steps=10, per_device_train_batch_size=args.batch_size, logging_steps=25,
                   save_strategy="no", report_to="none", use_cpu=not on_gpu, bf16=on_gpu, seed=args.seed),
         answer_template=ANSWER_TEMPLATE, tokenizer=tokenizer,
-        callbacks=[WallClockBudgetCallback(budget_seconds, args.decay_learning_rate)],
+        callbacks=[budget],
     )
 
 
@@ -523,8 +528,13 @@ def main():
     elif "text_sft" in args.recipes:
         set_seed(args.training_seed)
         start = time.perf_counter()
-        sft_dir = train_text_sft_start(training_args, base, tokenizer, train, args.budget_seconds)
+        if args.text_sft_step_budget:
+            budget = StepBudgetCallback(args.text_sft_step_budget, args.decay_learning_rate)
+        else:
+            budget = WallClockBudgetCallback(args.budget_seconds, args.decay_learning_rate)
+        sft_dir = train_text_sft_start(training_args, base, tokenizer, train, budget)
         report["timings"]["text_sft_train_s"] = time.perf_counter() - start
+        report["text_sft_steps"] = budget.steps_taken
         sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
         start = time.perf_counter()
         set_seed(args.seed)
@@ -558,7 +568,8 @@ def main():
         curves, os.path.join(args.output_dir, "ladir_quality.png"),
         title=f"{args.dataset_name}: pass@k on {len(test)} held-out problems, {args.budget_seconds:.0f} s of training each",
     )
-    print(json.dumps({key: report[key] for key in ("timings", "ladir_steps", "ladir_minus_text_sft") if key in report}, indent=2))
+    printed = ("timings", "text_sft_steps", "ladir_steps", "ladir_minus_text_sft")
+    print(json.dumps({key: report[key] for key in printed if key in report}, indent=2))
     print_ladir_summary(report)
     if "text_sft" in report:
         print(f"(d) text SFT pass@k {report['text_sft']['pass_at_k']}")

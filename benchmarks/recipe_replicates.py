@@ -12,7 +12,8 @@ training moves a recipe's scores.
 `ladir_quality.py` reports: a text SFT part that a report reused with `--text_sft_results` is not a training of that
 report and is skipped (list the report that trained it). Reports on other problems, sampled otherwise or trained with
 other settings are refused, but for the settings named with `--not_compared` (e.g. `budget_seconds` for a training
-given more time on a slower CPU so that it took about as many steps; each LaDiR training's steps are listed).
+given more time on a slower CPU so that it took about as many steps; each training's steps are listed where its
+report recorded them).
 `--text_sft_only REPORT ...` adds reports whose text SFT part only is pooled, e.g. a side-by-side report whose LaDiR
 part trained another LaDiR recipe (its LaDiR flags are not compared). For each recipe: every training's pass@k, their
 mean and standard deviation. Then LaDiR minus text SFT, in points:
@@ -60,7 +61,7 @@ def parse_args():
     parser.add_argument("--not_compared", nargs="+", default=[],
                         help="More settings the reports may differ in, e.g. budget_seconds for a training given a "
                              "longer budget on a slower CPU so that it took about as many steps as the others (each "
-                             "LaDiR training's steps are listed). The output records them.")
+                             "training's steps are listed where recorded). The output records them.")
     parser.add_argument("--output", default="recipe_replicates.json")
     return parser.parse_args()
 
@@ -106,7 +107,7 @@ def collect_trainings(reports, recipe, text_sft_only=frozenset()):
             "report": name,
             "training_seed": training_seed,
             "correct_per_problem": report[recipe]["correct_per_problem"],
-            "steps": report.get("ladir_steps") if recipe == "ladir" else None,
+            "steps": report.get(f"{recipe}_steps"),  # recorded by reports from after the step budgets
         })
     return trainings
 

@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_ladi import LaDiRLConfig, LaDiRLTrainer, LaDiRModel
+from trl_ladi.baselines import WallClockBudgetCallback
 from trl_ladi.data import load_math_dataset
 from trl_ladi.default_model import default_model_path
 from trl_ladi.evaluation import (
@@ -329,7 +330,9 @@ def token_arm(args, base, tokenizer, train, test, report, earlier=None):
         sft_dir = os.path.join(args.start_dir, "text-sft")
     else:
         start = time.perf_counter()
-        sft_dir = train_text_sft_start(args, base, tokenizer, train, args.sft_budget_seconds)
+        sft_dir = train_text_sft_start(
+            args, base, tokenizer, train, WallClockBudgetCallback(args.sft_budget_seconds, args.decay_learning_rate)
+        )
         report["timings"]["train text SFT"] = time.perf_counter() - start
     model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
     evaluate("text SFT", text_generate_fn(model, tokenizer, args), test, args, report, earlier)

@@ -142,7 +142,7 @@ def test_step_budget_stops_after_its_steps_and_decays_the_learning_rate_with_the
         if control.should_training_stop:
             stopped_after = step
             break
-    assert stopped_after == 4
+    assert stopped_after == 4 and callback.steps_taken == 4
     # the rate of the step after `s` steps: warm-up (s of 2) times the unspent share 1 - s / 4, never compounded
     assert learning_rates == pytest.approx([0.1 * 0.5 * 0.75, 0.1 * 1.0 * 0.5, 0.1 * 0.25, 0.0], abs=1e-12)
     with pytest.raises(ValueError, match="steps must be > 0"):

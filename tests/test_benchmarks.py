@@ -416,14 +416,16 @@ def test_ladir_quality_trains_each_recipe_from_its_training_seed(tmp_path):
     both = report("both", "--training_seed", "3")
     alone = report("alone", "--training_seed", "3", "--recipes", "ladir")
     other = report("other", "--training_seed", "4", "--recipes", "ladir")
-    # a budget of steps per stage instead of seconds stops each stage after its steps
-    by_steps = report("by_steps", "--training_seed", "3", "--recipes", "ladir", "--ladir_step_budget", "1", "2")
+    # a budget of steps per recipe and stage instead of seconds stops each after its steps
+    by_steps = report("by_steps", "--training_seed", "3", "--ladir_step_budget", "1", "2",
+                      "--text_sft_step_budget", "2")
     assert both["text_sft"]["num_problems"] == 3 and "ladir_minus_text_sft" in both
     assert "text_sft" not in alone and "ladir_minus_text_sft" not in alone and "vae" not in alone
     # the same LaDiR model and samples whether text SFT trained first or not; another seed, other latents
     assert alone["ladir"]["latent_diversity_mean"] == both["ladir"]["latent_diversity_mean"]
     assert other["ladir"]["latent_diversity_mean"] != alone["ladir"]["latent_diversity_mean"]
     assert alone["ladir_steps"] == {"vae": 3, "reasoner": 3} and by_steps["ladir_steps"] == {"vae": 1, "reasoner": 2}
+    assert both["text_sft_steps"] == 3 and by_steps["text_sft_steps"] == 2
 
 
 def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):
@@ -470,11 +472,13 @@ def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):
     with pytest.raises(ValueError, match="budget_seconds"):
         recipe_replicates.summarize(reports)
     # ...unless the caller says the budget may differ (a slower CPU given more time for the same steps): then pooled,
-    # each LaDiR training with its steps, and the output says what was not compared
+    # each training with the steps its report recorded, and the output says what was not compared
     reports[-1][1]["ladir_steps"] = {"vae": 2, "reasoner": 75}
+    reports[1][1]["text_sft_steps"] = 70
     scaled = recipe_replicates.summarize(reports, not_compared={"budget_seconds"})
     assert [t["training_seed"] for t in scaled["ladir"]["trainings"]] == [5, 105, 7]
     assert scaled["ladir"]["trainings"][-1]["steps"] == {"vae": 2, "reasoner": 75}
+    assert [t.get("steps") for t in scaled["text_sft"]["trainings"]] == [None, 70]
     assert scaled["settings_not_compared"] == ["budget_seconds"]
     with pytest.raises(ValueError, match="no report has that setting"):
         recipe_replicates.summarize(reports, not_compared={"budget_secs"})

@@ -80,11 +80,13 @@ class BudgetCallback(TrainerCallback):
     trainer's schedule (its warm-up, say) is multiplied by `remaining_fraction`. A step-count schedule cannot do this
     when the number of steps a wall-clock budget allows is unknown, and a constant rate leaves the weights wherever the
     last noisy step put them. It needs a `LambdaLR` schedule, which every `lr_scheduler_type` but
-    `reduce_lr_on_plateau` and DeepSpeed's own schedulers gives. Subclasses say what the budget counts."""
+    `reduce_lr_on_plateau` and DeepSpeed's own schedulers gives. Subclasses say what the budget counts;
+    `steps_taken` records the optimizer steps that the budget allowed."""
 
     def __init__(self, decay_learning_rate: bool = False):
         self.decay_learning_rate = decay_learning_rate
         self._decaying_scheduler = None
+        self.steps_taken = 0  # the optimizer steps of the last training, for reports
 
     def remaining_fraction(self, step: int) -> float:
         """The share of the budget not yet spent, in [0, 1], after `step` optimizer steps."""
@@ -108,6 +110,7 @@ class BudgetCallback(TrainerCallback):
         return lambda step: factor(step) * self.remaining_fraction(step)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.steps_taken = state.global_step
         if self.remaining_fraction(state.global_step) == 0.0:
             control.should_training_stop = True
 
