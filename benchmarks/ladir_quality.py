@@ -164,6 +164,10 @@ def parse_args():
     parser.add_argument("--block_breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="(c2) for a token posterior. It samples as many traces again as (c): "
                              "--no-block_breakdown halves the LaDiR evaluation's time.")
+    parser.add_argument("--save_ladir_model", action="store_true",
+                        help="Keep the trained LaDiR model in OUTPUT_DIR/ladir (LaDiRModel.from_pretrained reads it), "
+                             "to sample it again later, e.g. with another sampler (benchmarks/diversity_guidance.py, "
+                             "trl-ladi eval). Text SFT's model is always kept, in OUTPUT_DIR/text-sft.")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Of the text-SFT model's worked solutions.")
     args = parser.parse_args()
@@ -587,6 +591,9 @@ def score_ladir(args, training_args, base, tokenizer, train, test, ks, answer_fn
     model, steps = train_ladir(training_args, base, tokenizer, train)
     report["timings"]["ladir_train_s"] = time.perf_counter() - start
     report["ladir_steps"] = steps
+    if args.save_ladir_model:
+        model.save_pretrained(os.path.join(args.output_dir, "ladir"))
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "ladir"))
     start = time.perf_counter()
     sampling_kwargs = dict(num_denoise_steps=args.num_denoise_steps, sde_noise_level=args.sde_noise_level,
                            temperature=args.temperature, max_new_tokens=16)

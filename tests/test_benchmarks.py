@@ -127,6 +127,32 @@ def test_profile_rollout_smoke(tmp_path):
     assert early["half_stop_after_one_block"]["lm_positions"] < early["every_row_every_block"]["lm_positions"]
 
 
+def test_bench_eval_smoke(tmp_path):
+    """benchmarks/bench_eval.py on tiny models: both models answer every problem, the LaDiR sampler's parts are timed
+    with the calls its settings give, and a second run from the same seed gives the same answers (digest)."""
+    output = tmp_path / "eval.json"
+    argv = ["--tiny", "--num_problems", "3", "--num_samples", "2", "--num_denoise_steps", "2", "--max_new_tokens", "4",
+            "--answer_tokens", "3", "--output", str(output)]
+    result = run_benchmark("bench_eval.py", *argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(output.read_text())
+    for model in record["models"].values():
+        assert model["num_answers"] == 3 * 2 and len(model["batch_s"]) == 1  # 3 problems fit one batch of 8
+        assert sorted(int(k) for k in model["pass_at_k"]) == [1, 2]
+    parts = record["models"]["LaDiR"]["parts"]
+    assert parts["prefill"]["calls"] == 1  # one call for the batch, its prompts' 2 rows each read once inside
+    blocks = parts["append_block"]["calls"]
+    assert 1 <= blocks <= 2  # max_blocks of the tiny model
+    # 4 slots a block: one prior each, then 2 posterior steps each
+    assert parts["next_slot_prior"]["calls"] == 4 * blocks and parts["posterior_velocity"]["calls"] == 2 * 4 * blocks
+    assert record["ratio_ladir_over_text_wall"] > 0
+    again = run_benchmark("bench_eval.py", *argv[:-1], str(tmp_path / "again.json"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    repeated = json.loads((tmp_path / "again.json").read_text())
+    for name, model in record["models"].items():
+        assert repeated["models"][name]["answers_sha256"] == model["answers_sha256"], name
+
+
 @pytest.mark.parametrize("switches", [[], ["--posterior_chunk_mb", "0", "--keep_freed_memory", "off"]],
                          ids=["package_defaults", "one_pass_glibc_defaults"])
 def test_bench_loss_memory_smoke(tmp_path, switches):
@@ -418,7 +444,7 @@ def test_ladir_quality_trains_each_recipe_from_its_training_seed(tmp_path):
     other = report("other", "--training_seed", "4", "--recipes", "ladir")
     # a budget of steps per recipe and stage instead of seconds stops each after its steps
     by_steps = report("by_steps", "--training_seed", "3", "--ladir_step_budget", "1", "2",
-                      "--text_sft_step_budget", "2")
+                      "--text_sft_step_budget", "2", "--save_ladir_model")
     assert both["text_sft"]["num_problems"] == 3 and "ladir_minus_text_sft" in both
     assert "text_sft" not in alone and "ladir_minus_text_sft" not in alone and "vae" not in alone
     # the same LaDiR model and samples whether text SFT trained first or not; another seed, other latents
@@ -426,6 +452,12 @@ def test_ladir_quality_trains_each_recipe_from_its_training_seed(tmp_path):
     assert other["ladir"]["latent_diversity_mean"] != alone["ladir"]["latent_diversity_mean"]
     assert alone["ladir_steps"] == {"vae": 3, "reasoner": 3} and by_steps["ladir_steps"] == {"vae": 1, "reasoner": 2}
     assert both["text_sft_steps"] == 3 and by_steps["text_sft_steps"] == 2
+    # --save_ladir_model keeps the LaDiR model to sample again; without it only text SFT's folder holds a model
+    from trl_ladi import LaDiRModel
+
+    saved = LaDiRModel.from_pretrained(tmp_path / "by_steps" / "ladir")
+    assert saved.config.latent_tokens_per_block == 2 and saved.config.max_blocks == 2  # the flags it trained with
+    assert not (tmp_path / "alone" / "ladir").exists()
 
 
 def test_recipe_replicates_pools_each_recipes_trainings(tmp_path):

@@ -332,10 +332,11 @@ def test_token_posterior_samples_land_on_codebook_rows(tokenizer):
     prompt_ids, prompt_mask = prompts(tokenizer)
     # the SDE's last step adds its own noise; no eos, so every answer has max_new_tokens = 4 tokens
     samples = sample(model, prompt_ids, prompt_mask, sde_noise_level=0.0, eos_token_ids=None)
-    # one position per slot (the last slot's prior is read where slot L - 1 is fed), then the finished block
+    # each prompt read once for its 3 latents; one position per slot (the last slot's prior is read where slot L - 1
+    # is fed), which the finished block keeps, so that only its last slot and <eot> are fed
     written = int(samples.trace.block_mask.sum())
     rows, decodes = 2 * 3, 2
-    expected = rows * prompt_ids.shape[1] + written * ((L + 1) + (L + 3)) + rows * decodes * 4
+    expected = 2 * prompt_ids.shape[1] + written * ((L + 1) + 2) + rows * decodes * 4
     assert samples.trace.num_lm_tokens == expected, (samples.trace.num_lm_tokens, expected)
     codebook = model.latent_codebook()
     real_slots = samples.trace.latents[samples.trace.block_mask].flatten(0, 1)  # (slots, D)
@@ -611,9 +612,10 @@ def test_num_lm_tokens_shows_the_cache_and_the_shared_prefill(tokenizer, statist
         assert len(out.completion_ids) == rows * decodes
         assert all(len(ids) == new_tokens for ids in out.completion_ids)
         cfg = 2 if cfg_scale != 1.0 else 1
-        # a block is fed only for the rows still writing (block_mask), not for those that chose the answer
+        # each prompt is read once for its 3 latents; a block is fed only for the rows still writing (block_mask), not
+        # for those that chose the answer
         written = int(out.trace.block_mask.sum())
-        expected = rows * prompt_length + written * (K * cfg * (L + 2) + (L + 3)) + rows * decodes * new_tokens
+        expected = 2 * prompt_length + written * (K * cfg * (L + 2) + (L + 3)) + rows * decodes * new_tokens
         assert out.trace.num_lm_tokens == expected, (cfg_scale, decodes, out.trace.num_lm_tokens, expected)
         uncached = _uncached_tokens(rows, prompt_length, blocks, decodes, new_tokens, cfg)
         assert out.trace.num_lm_tokens < 0.4 * uncached, (out.trace.num_lm_tokens, uncached)
@@ -724,6 +726,24 @@ def test_answer_token_stop_is_the_lm_heads_probability_of_that_token(tokenizer):
 
 
 @torch.no_grad()
+def test_prefill_reads_each_run_of_identical_prompts_once(tokenizer):
+    """The N latents of a prompt share its prefill: rows [a, a, a, b, b, a] are read as three runs (a, b, a), and every
+    row holds the keys and values of its prompt read alone (float64)."""
+    model = build(tokenizer, seed=5).double()
+    prompt_ids, prompt_mask = prompts(tokenizer)
+    order = torch.tensor([0, 0, 0, 1, 1, 0])
+    context = model.prefill(prompt_ids[order], prompt_mask[order])
+    assert context.num_lm_tokens == 3 * prompt_ids.shape[1]
+    assert torch.equal(context.key_is_real, prompt_mask[order].bool())
+    assert torch.equal(context.prompt_lengths[:, 0], prompt_mask[order].sum(-1))
+    for row, prompt in enumerate(order.tolist()):
+        alone = model.prefill(prompt_ids[prompt : prompt + 1], prompt_mask[prompt : prompt + 1])
+        for shared_layer, alone_layer in zip(context.cache.layers, alone.cache.layers):
+            torch.testing.assert_close(shared_layer.keys[row], alone_layer.keys[0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(shared_layer.values[row], alone_layer.values[0], rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
 def test_rows_that_chose_the_answer_are_not_fed_again(tokenizer):
     """After half the rows stop at block 1, only the others are fed to the LM; the stopped rows' later blocks are
     masked zeros in the cache. Nothing the rows see changes (float64): the packed forward recomputes the same
@@ -737,7 +757,8 @@ def test_rows_that_chose_the_answer_are_not_fed_again(tokenizer):
     trace = pipeline.sample_latents(context, sde_noise_level=0.7, generator=torch.Generator().manual_seed(20))
     blocks = trace.block_mask.shape[1]
     assert blocks > 1 and trace.block_mask.sum() < 16 * blocks  # some rows were left out of some block
-    assert context.num_lm_tokens == 16 * prompt_ids.shape[1] + int(trace.block_mask.sum()) * (K * (L + 2) + (L + 3))
+    # the 8 rows of a prompt share its prefill
+    assert context.num_lm_tokens == 2 * prompt_ids.shape[1] + int(trace.block_mask.sum()) * (K * (L + 2) + (L + 3))
     out = model.denoising_log_probs(rows_ids, rows_mask, trace.step_latents, trace.timesteps, trace.mean_offsets,
                                     trace.block_mask, torch.arange(K).expand(16, -1), 0.7)
     real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
@@ -1142,14 +1163,17 @@ def test_denoiser_adapter_changes_the_velocity_and_nothing_the_decoder_reads(tok
         model.add_denoiser_adapter(4)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
-def test_denoiser_adapter_is_the_same_in_the_sampler_and_the_loss(tokenizer, cfg_scale):
+@pytest.mark.parametrize("velocity, cfg_scale", [("direct", 1.0), ("direct", 2.0), ("token_posterior", 1.0)])
+def test_denoiser_adapter_is_the_same_in_the_sampler_and_the_loss(tokenizer, velocity, cfg_scale):
     """The cached sampler switches the adapter on for the noisy block, the packed forward for the noisy copies: the
-    recorded log-probabilities are recomputed exactly (float64), and a saved model reloads with its adapter."""
-    model = build(tokenizer, seed=31, denoiser_lora_rank=4).double()  # `build` randomises every lora_B
+    recorded log-probabilities are recomputed exactly (float64), and a saved model reloads with its adapter. A token
+    posterior's noisy copy, which the adapter changes, must not stand in for the finished block that later blocks
+    read: their priors would then differ from the loss's."""
+    model = build(tokenizer, seed=31, denoiser_lora_rank=4, **VELOCITY_OPTIONS[velocity]).double()  # random lora_B
     assert len(model.adapter_parameters("denoiser")) > 0
     prompt_ids, prompt_mask = prompts(tokenizer)
     trace = sample(model, prompt_ids, prompt_mask, cfg_scale=cfg_scale, seed=32).trace
+    assert trace.block_mask[:, 1:].any()  # later blocks were written: they read the earlier ones from the cache
     out = recompute(model, prompt_ids, prompt_mask, trace, 3, 0.7, cfg_scale)
     real = trace.block_mask[:, :, None].expand_as(trace.step_log_probs)
     torch.testing.assert_close(out["log_probs"][real], trace.step_log_probs[real], rtol=0, atol=1e-5)

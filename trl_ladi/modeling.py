@@ -1532,7 +1532,23 @@ class LaDiRModel(PreTrainedModel):
 
         ``static_cache_length``: a ``StaticCache`` of that many positions per row instead of a growing
         ``DynamicCache`` (see :class:`ReasonerContext`; :meth:`static_cache_length` says how many a pass needs).
+
+        Consecutive identical rows (the ``N`` latents of a prompt) are read once and their cache repeated: the same
+        keys and values, a ``N``-th of the prefill's work. A static cache reads every row (its shapes must not change).
         """
+        if static_cache_length is None and prompt_ids.shape[0] > 1:
+            starts_a_run = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+            same_prompt = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
+            starts_a_run[1:] = ~same_prompt
+            if not bool(starts_a_run.all()):
+                shared = self._read_prompts(prompt_ids[starts_a_run], prompt_mask[starts_a_run], None)
+                context = shared.select_rows(starts_a_run.cumsum(0) - 1)  # each row gets its run's cache
+                context.num_lm_tokens = shared.num_lm_tokens
+                return context
+        return self._read_prompts(prompt_ids, prompt_mask, static_cache_length)
+
+    def _read_prompts(self, prompt_ids, prompt_mask, static_cache_length: int | None) -> ReasonerContext:
+        """:meth:`prefill`'s forward: every row read into a fresh cache."""
         rows, prompt_length = prompt_ids.shape
         device = prompt_ids.device
         if static_cache_length is None:
@@ -1654,7 +1670,8 @@ class LaDiRModel(PreTrainedModel):
         ``finished_slot=None`` opens the block: feeds ``<bot>, t=0`` and returns slot 0's prior. Each later call feeds
         the latent ``(R, D)`` that the last slot ended at and returns the next slot's prior. The block is fed as the
         noisy copy at time 0 that the RL loss reads (causal, the denoiser adapter on), one position per slot; these
-        positions stay in the cache until :meth:`append_block` cuts them off and appends the finished block.
+        positions stay in the cache until :meth:`append_block` finishes the block: it keeps them where they are the
+        finished block's own first positions, and cuts them off otherwise.
         """
         layout = self.block_layout
         rows, device = context.rows, context.key_is_real.device
@@ -1685,9 +1702,6 @@ class LaDiRModel(PreTrainedModel):
         """
         layout = self.block_layout
         rows, device = context.rows, latents.device
-        if context.num_open_slot_positions:  # a token posterior's noisy copy, fed slot by slot: context for nothing
-            context.cache.crop(-context.num_open_slot_positions)
-            context.num_open_slot_positions = 0
         inputs_embeds = self._block_embeddings(
             latents, self.timestep_embedding(torch.zeros(rows, device=device)), with_eot=True
         )
@@ -1699,13 +1713,35 @@ class LaDiRModel(PreTrainedModel):
             [context.key_is_real[:, None, :].expand(-1, layout.width, -1), inside.expand(rows, -1, -1)], 2
         )
         positions = layout.position_ids(context.prompt_lengths, context.num_blocks, layout.width)
-        hidden = self._cached_forward(context, inputs_embeds, allowed, positions)
+        # A token posterior's noisy copy, fed slot by slot, is context for nothing. Without a denoiser adapter (and in
+        # a growing cache) it was fed exactly as the finished block's first positions are: <bot>, t = 0, then the
+        # slots where they ended, causal. Those stay; only the last slot and <eot> are fed. Otherwise it is cut off.
+        num_kept = context.num_open_slot_positions if self._noisy_copy_is_the_clean_block(context) else 0
+        if context.num_open_slot_positions > num_kept:
+            context.cache.crop(-context.num_open_slot_positions)
+        context.num_open_slot_positions = 0
+        hidden = self._cached_forward(
+            context, inputs_embeds[:, num_kept:], allowed[:, num_kept:], positions[:, num_kept:]
+        )
         block_is_real = is_real[:, None].expand(-1, layout.width)
         context.key_is_real = torch.cat([context.key_is_real, block_is_real], 1)
         context.key_is_prompt = torch.cat([context.key_is_prompt, torch.zeros_like(block_is_real)], 1)
         context.num_blocks += 1
         context.num_real_blocks = context.num_real_blocks + is_real.long()
-        return self._stop_logits(hidden[:, layout.eot])[0]
+        return self._stop_logits(hidden[:, layout.eot - num_kept])[0]
+
+    def _noisy_copy_is_the_clean_block(self, context: ReasonerContext) -> bool:
+        """Whether the positions :meth:`next_slot_prior` fed for the block being finished hold what :meth:`append_block`
+        would feed there: every slot but the last was fed (``L + 1`` positions), no denoiser adapter changes the noisy
+        copy, no lookahead is added to it, both copies are causal, and the cache grows (a static one keeps its
+        shapes)."""
+        return (
+            context.num_open_slot_positions == self.block_layout.num_latent_tokens + 1
+            and self.config.denoiser_lora_rank == 0
+            and not self.config.causal_denoiser
+            and self.causal_clean_blocks
+            and context.static_length is None
+        )
 
     def answer_step(self, context: ReasonerContext, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Feed the next answer position and return the next-token logits ``(R, V)`` (float32 or wider).
