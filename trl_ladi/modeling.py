@@ -1733,12 +1733,11 @@ class LaDiRModel(PreTrainedModel):
     def _noisy_copy_is_the_clean_block(self, context: ReasonerContext) -> bool:
         """Whether the positions :meth:`next_slot_prior` fed for the block being finished hold what :meth:`append_block`
         would feed there: every slot but the last was fed (``L + 1`` positions), no denoiser adapter changes the noisy
-        copy, no lookahead is added to it, both copies are causal, and the cache grows (a static one keeps its
-        shapes)."""
+        copy, both copies are causal (a token posterior, which the config never pairs with ``causal_denoiser``'s
+        lookahead), and the cache grows (a static one keeps its shapes)."""
         return (
             context.num_open_slot_positions == self.block_layout.num_latent_tokens + 1
             and self.config.denoiser_lora_rank == 0
-            and not self.config.causal_denoiser
             and self.causal_clean_blocks
             and context.static_length is None
         )
